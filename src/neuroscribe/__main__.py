@@ -1,0 +1,5 @@
+"""``python -m neuroscribe`` is the ``neuroscribe`` command."""
+
+from neuroscribe.cli import main
+
+raise SystemExit(main())

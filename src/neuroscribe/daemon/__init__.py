@@ -1,0 +1,1 @@
+"""The service: process layout, start-up recovery, the assembler loop, shutdown, doctor."""

@@ -1,0 +1,75 @@
+"""``neuroscribe doctor``: checks an operator runs before (or instead of) starting the service."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from neuroscribe.config import Settings
+from neuroscribe.dicom_io.scp import port_is_free
+from neuroscribe.errors import StoreError
+from neuroscribe.store import LATEST_VERSION, Database
+
+#: Debian tools NeuroScribe uses when present: DCMTK for the demo and tests, dicom3tools to judge SRs.
+TOOLS = ("storescu", "echoscu", "dcmdump", "dsrdump", "dciodvfy")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the doctor's report."""
+
+    name: str
+    ok: bool
+    detail: str
+    required: bool = True
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """Every check, in the order an operator would fix them."""
+    checks = [Check("config", True, "settings loaded and valid")]
+    root = Path(settings.storage.root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / ".doctor-write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+        checks.append(Check("storage.root", True, f"{root.resolve()} is writable"))
+    except OSError as exc:
+        checks.append(Check("storage.root", False, f"{root}: {exc.strerror}"))
+        return checks
+    stats = os.statvfs(root)
+    free = stats.f_bavail * stats.f_frsize
+    floor = settings.storage.min_free_bytes
+    checks.append(Check("disk", free >= floor,
+                        f"{free / 1024**3:.1f} GiB free, floor {floor / 1024**3:.1f} GiB "
+                        "(storage.min_free_bytes)"))
+    try:
+        db = Database(settings.storage.resolved_database_url)
+        checks.append(Check("database", db.schema_version == LATEST_VERSION,
+                            f"schema version {db.schema_version} of {LATEST_VERSION}"))
+        db.close()
+    except StoreError as exc:
+        checks.append(Check("database", False, str(exc)))
+    free_port = port_is_free(settings.dicom.bind, settings.dicom.port)
+    checks.append(Check(
+        "dicom.port", free_port,
+        f"{settings.dicom.bind}:{settings.dicom.port} "
+        + ("is free" if free_port else "is in use (is NeuroScribe already running?)"),
+    ))
+    for tool in TOOLS:
+        path = shutil.which(tool)
+        checks.append(Check(f"tool {tool}", path is not None, path or "not on PATH", required=False))
+    checks.append(_onnxruntime_check())
+    return checks
+
+
+def _onnxruntime_check() -> Check:
+    try:
+        import onnxruntime
+    except ImportError:
+        return Check("onnxruntime", False, "not installed (extra 'cpu' or 'gpu')", required=False)
+    providers = onnxruntime.get_available_providers()
+    return Check("onnxruntime", True, f"{onnxruntime.__version__}, built with {providers}",
+                 required=False)

@@ -1,0 +1,117 @@
+"""Versioned schema migrations, applied in order at start-up and recorded in ``schema_version``.
+
+Each migration is frozen once released: change the schema by appending a new one. The DDL is plain
+SQL that SQLite and PostgreSQL both accept (TEXT, INTEGER, BIGINT, DOUBLE PRECISION), so the same
+list serves a single node today and a PostgreSQL URL later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, text
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step of the schema: ``version`` n takes the database from n-1 to n."""
+
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "instances, series and ingest failures",
+        (
+            """
+            CREATE TABLE series (
+                series_instance_uid TEXT PRIMARY KEY,
+                study_instance_uid TEXT NOT NULL,
+                state TEXT NOT NULL,
+                revision INTEGER NOT NULL DEFAULT 1,
+                first_received_at DOUBLE PRECISION NOT NULL,
+                last_received_at DOUBLE PRECISION NOT NULL,
+                completed_at DOUBLE PRECISION,
+                completion TEXT,
+                decided_at DOUBLE PRECISION,
+                reason TEXT,
+                reason_detail TEXT
+            )
+            """,
+            "CREATE INDEX ix_series_state ON series (state, last_received_at)",
+            "CREATE INDEX ix_series_study ON series (study_instance_uid)",
+            """
+            CREATE TABLE instances (
+                sop_instance_uid TEXT PRIMARY KEY,
+                series_instance_uid TEXT NOT NULL,
+                study_instance_uid TEXT NOT NULL,
+                sop_class_uid TEXT NOT NULL,
+                transfer_syntax_uid TEXT NOT NULL,
+                path TEXT NOT NULL,
+                size_bytes BIGINT NOT NULL,
+                received_at DOUBLE PRECISION NOT NULL,
+                calling_ae TEXT NOT NULL,
+                header TEXT NOT NULL
+            )
+            """,
+            "CREATE INDEX ix_instances_series ON instances (series_instance_uid)",
+            """
+            CREATE TABLE ingest_failures (
+                id INTEGER PRIMARY KEY,
+                at DOUBLE PRECISION NOT NULL,
+                calling_ae TEXT NOT NULL,
+                peer_address TEXT NOT NULL,
+                status INTEGER NOT NULL,
+                reason TEXT NOT NULL,
+                detail TEXT NOT NULL,
+                sop_instance_uid_hash TEXT
+            )
+            """,
+        ),
+    ),
+)
+
+LATEST_VERSION = MIGRATIONS[-1].version
+
+
+def current_version(conn: Connection) -> int:
+    """The schema version of the database (0 for an empty one)."""
+    conn.execute(
+        text(
+            "CREATE TABLE IF NOT EXISTS schema_version "
+            "(version INTEGER PRIMARY KEY, description TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
+        )
+    )
+    found = conn.execute(text("SELECT MAX(version) FROM schema_version")).scalar()
+    return int(found or 0)
+
+
+def migrate(conn: Connection, on_applied: Callable[[Migration], None] | None = None) -> int:
+    """Apply every migration above the current version, inside the caller's transaction.
+
+    Returns the version reached. A database newer than this code is refused, not downgraded.
+    """
+    version = current_version(conn)
+    if version > LATEST_VERSION:
+        raise RuntimeError(
+            f"state database has schema version {version}, newer than this NeuroScribe "
+            f"({LATEST_VERSION}); upgrade NeuroScribe or restore a backup"
+        )
+    for migration in MIGRATIONS:
+        if migration.version <= version:
+            continue
+        for statement in migration.statements:
+            conn.execute(text(statement))
+        conn.execute(
+            text("INSERT INTO schema_version (version, description, applied_at) VALUES (:v, :d, :t)"),
+            {"v": migration.version, "d": migration.description, "t": time.time()},
+        )
+        if on_applied is not None:
+            on_applied(migration)
+        version = migration.version
+    return version
