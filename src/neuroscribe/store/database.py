@@ -14,7 +14,6 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
 from neuroscribe.errors import StoreError
 from neuroscribe.log import get_logger
@@ -32,6 +31,8 @@ SQLITE_PRAGMAS = (
     "PRAGMA foreign_keys=ON",
 )
 _BEGIN_KEY = "neuroscribe_begin"
+POOL_SIZE = 8
+POOL_OVERFLOW = 64
 
 
 class Database:
@@ -58,8 +59,11 @@ class Database:
         path = url.removeprefix("sqlite:///")
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # NullPool: one short-lived connection per transaction; association threads never share one.
-        engine = create_engine(url, poolclass=NullPool, connect_args={"check_same_thread": False})
+        # A pool of connections, each set up once (pragmas); a connection serves one thread at a time.
+        engine = create_engine(
+            url, pool_size=POOL_SIZE, max_overflow=POOL_OVERFLOW,
+            connect_args={"check_same_thread": False},
+        )
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
