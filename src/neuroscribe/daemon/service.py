@@ -15,7 +15,7 @@ from types import FrameType
 
 from neuroscribe.config import Settings
 from neuroscribe.dicom_io.scp import StorageSCP, recover_unrecorded
-from neuroscribe.dicom_io.series import GeometryCheck, SeriesAssembler
+from neuroscribe.dicom_io.series import SeriesAssembler
 from neuroscribe.dicom_io.spool import Spool
 from neuroscribe.errors import NeuroScribeError
 from neuroscribe.log import get_logger
@@ -34,7 +34,6 @@ class Service:
         self,
         settings: Settings,
         clock: Callable[[], float] = time.time,
-        geometry_check: GeometryCheck | None = None,
     ) -> None:
         self.settings = settings
         self.clock = clock
@@ -44,10 +43,7 @@ class Service:
         self.scp = StorageSCP(
             settings.dicom, self.store, self.spool, settings.storage.min_free_bytes, clock=clock
         )
-        self.assembler = SeriesAssembler(
-            self.store, settings.series, settings.selection, clock=clock,
-            geometry_check=geometry_check,
-        )
+        self.assembler = SeriesAssembler(self.store, settings.series, settings.selection, clock=clock)
         self._stop = threading.Event()
         self._assembler_thread: threading.Thread | None = None
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from neuroscribe.config import SelectionSettings
 from neuroscribe.dicom_io.constants import CT_SOP_CLASSES, ENHANCED_CT_SOP_CLASSES
+from neuroscribe.dicom_io.volume import VolumeCheckError, check_recorded_geometry
 
 
 @dataclass(frozen=True)
@@ -51,15 +52,12 @@ class SeriesSummary:
         return counts.most_common(1)[0][0] if counts else None
 
 
-def check_series(
-    summary: SeriesSummary,
-    rules: SelectionSettings,
-    geometry_check: Any = None,
-) -> Rejection | None:
+def check_series(summary: SeriesSummary, rules: SelectionSettings) -> Rejection | None:
     """Apply the per-series rules in order; the first that fails is the answer.
 
-    ``geometry_check`` is called with the headers once everything else passed and returns a
-    :class:`Rejection` or None (the volume builder's header-only geometry check).
+    The last rule is the volume builder's own series checks (orientation, matrix, frame of
+    reference, duplicate positions, gaps, tilt), run on the recorded headers, so a selected series
+    is one the volume builder will accept as far as headers can tell.
     """
     modalities = {str(m).upper() for m in summary.values("modality") if m}
     wanted = {m.upper() for m in rules.modalities}
@@ -97,8 +95,10 @@ def check_series(
         summary.values("photometric_interpretation")
     ) <= {"MONOCHROME1", "MONOCHROME2"}:
         return Rejection("not_grayscale", "CT with colour (RGB) or unknown photometric pixels")
-    if geometry_check is not None:
-        return geometry_check(summary.headers)
+    try:
+        check_recorded_geometry(summary.headers)
+    except VolumeCheckError as exc:
+        return Rejection(str(exc.reason), str(exc))
     return None
 
 

@@ -28,8 +28,6 @@ from neuroscribe.store import SeriesRow, SeriesState, StateStore
 
 LOG = get_logger(__name__)
 
-GeometryCheck = Callable[[tuple[dict, ...]], Rejection | None]
-
 
 @dataclass
 class TickResult:
@@ -52,13 +50,11 @@ class SeriesAssembler:
         series_settings: SeriesSettings,
         selection_settings: SelectionSettings,
         clock: Callable[[], float] = time.time,
-        geometry_check: GeometryCheck | None = None,
     ) -> None:
         self.store = store
         self.series_settings = series_settings
         self.rules = selection_settings
         self.clock = clock
-        self.geometry_check = geometry_check
 
     def tick(self) -> TickResult:
         """Complete what is quiet, then decide every study whose series are all complete."""
@@ -91,7 +87,7 @@ class SeriesAssembler:
                 row.series_instance_uid, study_uid,
                 tuple(self.store.instance_headers(row.series_instance_uid)),
             )
-            rejection = check_series(summary, self.rules, self.geometry_check)
+            rejection = check_series(summary, self.rules)
             decisions[row.series_instance_uid] = rejection
             if rejection is None:
                 eligible.append(summary)

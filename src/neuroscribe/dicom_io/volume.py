@@ -28,10 +28,11 @@ from __future__ import annotations
 import math
 import os
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -54,6 +55,7 @@ __all__ = [
     "VolumeCheckError",
     "Window",
     "build_volume",
+    "check_recorded_geometry",
     "resample",
     "window",
     "windowed_channels",
@@ -291,6 +293,7 @@ class _Header:
 
 
 def _fail(reason: Reason, message: str) -> VolumeCheckError:
+    """Shorthand for the error every check raises."""
     return VolumeCheckError(reason, message)
 
 
@@ -319,9 +322,12 @@ def _read_header(path: Path, file_index: int) -> _Header:
     try:
         slope = _number(ds, "RescaleSlope", 1.0)
         intercept = _number(ds, "RescaleIntercept", 0.0)
-        frames = int(_number(ds, "NumberOfFrames", 1.0))
     except ValueError as exc:
         raise _fail(Reason.BAD_RESCALE, f"{name}: RescaleSlope/Intercept is malformed") from exc
+    try:
+        frames = int(_number(ds, "NumberOfFrames", 1.0))
+    except ValueError as exc:
+        raise _fail(Reason.MULTIFRAME, f"{name}: NumberOfFrames is malformed") from exc
     if slope == 0 or not (math.isfinite(slope) and math.isfinite(intercept)):
         raise _fail(Reason.BAD_RESCALE, f"{name}: RescaleSlope {slope} / Intercept {intercept} "
                     "must be finite with a non-zero slope")
@@ -576,8 +582,8 @@ def _check_series(
         shifts[:] = 0.0
         tilt = 0.0
     else:
-        # The writer's convention (and GantryDetectorTilt's sign for a head-first stack):
-        # positive tilt moves the column direction towards -z, so offsets fall along the column.
+        # Signed as CtSeriesSpec.gantry_tilt_deg: positive when the slices' positions fall
+        # back along their column direction as the stack advances along the normal.
         tilt = math.degrees(math.atan(-fit_col[0]))
 
     extent = float(along[-1] - along[0])
@@ -600,6 +606,56 @@ def _check_series(
         tilt_deg=tilt,
         interpolate_z=interpolate,
     )
+
+
+
+def check_recorded_geometry(
+    fields: Sequence[Mapping[str, Any]],
+    *,
+    gap_tolerance: float = DEFAULT_GAP_TOLERANCE,
+    duplicate_tolerance_mm: float = DEFAULT_DUPLICATE_TOLERANCE_MM,
+    max_tilt_deg: float = DEFAULT_MAX_TILT_DEG,
+) -> None:
+    """Run :func:`build_volume`'s series checks on header fields recorded at receive time.
+
+    ``fields`` are the dicts :func:`neuroscribe.dicom_io.inspect.inspect_received` keeps (plus
+    ``sop_instance_uid``). Pixel bytes are not read, so this is cheap enough for series selection;
+    :func:`build_volume` repeats every check on the files and adds the pixel ones.
+
+    Raises
+    ------
+    VolumeCheckError
+        The same reasons as :func:`build_volume`'s header checks.
+    """
+    headers = []
+    for index, f in enumerate(fields):
+        name = f"file #{index}"
+        geometry = {}
+        for key, count in (("image_position_patient", 3), ("image_orientation_patient", 6),
+                           ("pixel_spacing", 2)):
+            values = f.get(key)
+            if not values or len(values) != count:
+                raise _fail(Reason.MISSING_GEOMETRY, f"{name}: {key} is missing or malformed")
+            geometry[key] = np.asarray(values, dtype=np.float64)
+        if not f.get("rows") or not f.get("columns"):
+            raise _fail(Reason.MISSING_GEOMETRY, f"{name}: Rows or Columns is missing or zero")
+        bits = int(f.get("bits_allocated") or 16)
+        headers.append(_Header(
+            file_index=index, path=Path(str(f.get("path", ""))),
+            sop_instance_uid=str(f.get("sop_instance_uid", "")),
+            series_instance_uid=None, frame_of_reference_uid=f.get("frame_of_reference_uid"),
+            position=geometry["image_position_patient"],
+            orientation=geometry["image_orientation_patient"],
+            pixel_spacing=(float(geometry["pixel_spacing"][0]), float(geometry["pixel_spacing"][1])),
+            rows=int(f["rows"]), columns=int(f["columns"]),
+            samples_per_pixel=int(f.get("samples_per_pixel") or 1),
+            photometric=str(f.get("photometric_interpretation") or "").upper(),
+            frames=int(f.get("number_of_frames") or 1), bits_allocated=bits, bits_stored=bits,
+            signed=False, slope=1.0, intercept=0.0, has_pixel_data=None, pixel_length=None,
+            pixel_offset=None, file_size=0, big_endian=False,
+        ))
+    _check_series(headers, gap_tolerance=gap_tolerance,
+                  duplicate_tolerance_mm=duplicate_tolerance_mm, max_tilt_deg=max_tilt_deg)
 
 
 # --- linear interpolation along one axis -------------------------------------------------------
@@ -661,6 +717,7 @@ class _Buffers:
         self._arrays: dict[tuple[str, tuple[int, ...]], np.ndarray] = {}
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The float32 buffer called ``name`` of this shape, made on first use."""
         key = (name, shape)
         if key not in self._arrays:
             self._arrays[key] = np.empty(shape, dtype=np.float32)
@@ -759,6 +816,7 @@ class _SliceReader:
         self._raw = np.empty(max_bytes, dtype=np.uint8)
 
     def read(self, h: _Header, out: np.ndarray) -> None:
+        """Decode the slice of ``h`` as HU into ``out``; native pixels bypass pydicom."""
         native = h.native
         if native is None:
             self._read_with_pydicom(h, out)
@@ -779,6 +837,7 @@ class _SliceReader:
 
     @staticmethod
     def _read_with_pydicom(h: _Header, out: np.ndarray) -> None:
+        """Decode compressed (or deflated) pixel data through pydicom's plugins."""
         name = f"file #{h.file_index}"
         try:
             ds = pydicom.dcmread(h.path)

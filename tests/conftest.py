@@ -1,0 +1,223 @@
+"""Shared fixtures: a real ``neuroscribe serve`` process on loopback and DCMTK as the scanner."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom import _config as pynetdicom_config
+from pynetdicom.presentation import build_context
+
+from neuroscribe.dicom_io.constants import ACCEPTED_TRANSFER_SYNTAXES
+from neuroscribe.store import Database, StateStore
+
+#: Environment for DCMTK tools: without TCP_NODELAY both ends stall ~45 ms per image on loopback.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+SERVER_AE = "NEUROSCRIBE"
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def require_tool(name: str) -> str:
+    """The tool's path; the test suite's set-up (./run test) installs the Debian packages."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not on PATH: run the suite through ./run test, which installs it")
+    return path
+
+
+def storescu(port: int, files: list[Path], *, calling_ae: str = "SCANNER1",
+             called_ae: str = SERVER_AE, extra: tuple[str, ...] = (),
+             timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Push files with DCMTK storescu, verbose, so each response status is in the output."""
+    require_tool("storescu")
+    return subprocess.run(
+        ["storescu", "-v", "-aet", calling_ae, "-aec", called_ae, *extra, "127.0.0.1", str(port),
+         *map(str, files)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=timeout, check=False,
+    )
+
+
+def echoscu(port: int, *, calling_ae: str = "ECHOSCU", called_ae: str = SERVER_AE) -> bool:
+    """True if C-ECHO succeeds."""
+    require_tool("echoscu")
+    result = subprocess.run(
+        ["echoscu", "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=30, check=False,
+    )
+    return result.returncode == 0
+
+
+def send_files_raw(port: int, paths: list[Path], calling_ae: str = "RAWSCU") -> list[int | None]:
+    """Send files as they are on disk (no re-encoding) with pynetdicom; return each status.
+
+    Used for damaged objects that DCMTK's storescu would refuse to read. None means no response.
+    """
+    previous = pynetdicom_config.STORE_SEND_CHUNKED_DATASET
+    pynetdicom_config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        ae = AE(ae_title=calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        import pydicom
+
+        contexts = {}
+        for path in paths:
+            meta = pydicom.filereader.read_file_meta_info(path)
+            contexts.setdefault(str(meta.MediaStorageSOPClassUID), set()).add(
+                str(meta.TransferSyntaxUID)
+            )
+        for sop_class, syntaxes in contexts.items():
+            ae.requested_contexts.append(build_context(sop_class, sorted(syntaxes)))
+        assoc = ae.associate("127.0.0.1", port, ae_title=SERVER_AE)
+        assert assoc.is_established, "association with NeuroScribe failed"
+        statuses: list[int | None] = []
+        try:
+            for path in paths:
+                status = assoc.send_c_store(path)
+                statuses.append(int(status.Status) if "Status" in status else None)
+        finally:
+            assoc.release()
+        return statuses
+    finally:
+        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = previous
+
+
+def send_datasets(port: int, datasets: list[Dataset], calling_ae: str = "PYSCU") -> list[int | None]:
+    """Send pydicom datasets with pynetdicom (each in its own file-meta transfer syntax)."""
+    ae = AE(ae_title=calling_ae)
+    for sop_class in {str(ds.SOPClassUID) for ds in datasets}:
+        ae.add_requested_context(sop_class, list(ACCEPTED_TRANSFER_SYNTAXES[:2]))
+    assoc = ae.associate("127.0.0.1", port, ae_title=SERVER_AE)
+    assert assoc.is_established, "association with NeuroScribe failed"
+    try:
+        statuses = []
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            statuses.append(int(status.Status) if "Status" in status else None)
+        return statuses
+    finally:
+        assoc.release()
+
+
+@dataclass
+class Server:
+    """A ``neuroscribe serve`` subprocess with its own storage root and port."""
+
+    root: Path
+    port: int
+    env: dict[str, str]
+    output: Path
+    proc: subprocess.Popen[bytes] | None = None
+    _outputs: list[Path] = field(default_factory=list)
+
+    def start(self, timeout: float = 30) -> Server:
+        """Start (or restart) and wait until C-ECHO answers."""
+        out = self.output.with_suffix(f".{len(self._outputs)}.log")
+        self._outputs.append(out)
+        with out.open("wb") as sink:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "neuroscribe", "serve"], env=self.env,
+                stdout=sink, stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"neuroscribe serve exited early:\n{self.logs()}")
+            if echoscu(self.port):
+                return self
+            time.sleep(0.1)
+        raise AssertionError(f"neuroscribe serve did not answer C-ECHO:\n{self.logs()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Send ``sig`` and wait; returns the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """``kill -9``: no shutdown code runs."""
+        self.stop(signal.SIGKILL)
+
+    def logs(self) -> str:
+        """Everything the server printed, across restarts, plus its JSON log files."""
+        texts = [p.read_text(errors="replace") for p in self._outputs if p.exists()]
+        log_dir = self.root / "logs"
+        if log_dir.is_dir():
+            texts += [p.read_text(errors="replace") for p in sorted(log_dir.iterdir())]
+        return "\n".join(texts)
+
+    def state(self) -> StateStore:
+        """The server's state database, opened read-write from the test (WAL allows it)."""
+        return StateStore(Database(f"sqlite:///{self.root / 'state.sqlite3'}"))
+
+    def wait_for(self, predicate: Callable[[StateStore], T | None], timeout: float = 30,
+                 interval: float = 0.2) -> T:
+        """Poll ``predicate(state)`` until it returns something truthy."""
+        deadline = time.monotonic() + timeout
+        store = self.state()
+        try:
+            while time.monotonic() < deadline:
+                value = predicate(store)
+                if value:
+                    return value
+                time.sleep(interval)
+        finally:
+            store.db.close()
+        raise AssertionError(f"condition not met within {timeout} s\n{self.logs()[-4000:]}")
+
+
+ServerFactory = Callable[..., Server]
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
+    """Build servers with settings overrides (environment variables); all are stopped at the end."""
+    servers: list[Server] = []
+
+    def make(**env_overrides: str) -> Server:
+        root = tmp_path / f"server{len(servers)}"
+        port = free_port()
+        env = {
+            **os.environ,
+            "NEUROSCRIBE_STORAGE__ROOT": str(root),
+            "NEUROSCRIBE_DICOM__PORT": str(port),
+            "NEUROSCRIBE_STORAGE__MIN_FREE_BYTES": "0",
+            "NEUROSCRIBE_SERIES__QUIET_SECONDS": "1.5",
+            "NEUROSCRIBE_SERIES__POLL_SECONDS": "0.2",
+            "NEUROSCRIBE_SELECTION__MIN_SLICES": "4",
+            "NEUROSCRIBE_LOGGING__LEVEL": "DEBUG",
+            **env_overrides,
+        }
+        server = Server(root=root, port=port, env=env, output=tmp_path / f"server{len(servers)}")
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        if server.proc is not None and server.proc.poll() is None:
+            server.kill()
+
+
+@pytest.fixture
+def server(server_factory: ServerFactory) -> Server:
+    """A running server with test defaults (1.5 s quiet period, at least 4 slices)."""
+    return server_factory().start()
