@@ -21,7 +21,7 @@ from pynetdicom import _config as pynetdicom_config
 from pynetdicom.presentation import build_context
 
 from neuroscribe.dicom_io.constants import ACCEPTED_TRANSFER_SYNTAXES
-from neuroscribe.store import Database, StateStore
+from neuroscribe.store import Database, SeriesRow, SeriesState, StateStore
 
 #: Environment for DCMTK tools: without TCP_NODELAY both ends stall ~45 ms per image on loopback.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -153,6 +153,11 @@ class Server:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout=timeout)
 
+    def ensure_stopped(self) -> None:
+        """Kill the process if it still runs (fixture teardown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.kill()
+
     def kill(self) -> None:
         """``kill -9``: no shutdown code runs."""
         self.stop(signal.SIGKILL)
@@ -185,6 +190,34 @@ class Server:
         raise AssertionError(f"condition not met within {timeout} s\n{self.logs()[-4000:]}")
 
 
+def decided(series_instance_uid: str) -> Callable[[StateStore], SeriesRow | None]:
+    """A predicate for :meth:`Server.wait_for`: the series row once SELECTED or REJECTED."""
+
+    def predicate(store: StateStore) -> SeriesRow | None:
+        row = store.series_row(series_instance_uid)
+        return row if row and row.state in (SeriesState.SELECTED, SeriesState.REJECTED) else None
+
+    return predicate
+
+
+def make_server(root: Path, **env_overrides: str) -> Server:
+    """A server (not yet started) with test defaults: 1.5 s quiet period, at least 4 slices."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "NEUROSCRIBE_STORAGE__ROOT": str(root),
+        "NEUROSCRIBE_DICOM__PORT": str(port),
+        "NEUROSCRIBE_STORAGE__MIN_FREE_BYTES": "0",
+        "NEUROSCRIBE_SERIES__QUIET_SECONDS": "1.5",
+        "NEUROSCRIBE_SERIES__POLL_SECONDS": "0.2",
+        "NEUROSCRIBE_SELECTION__MIN_SLICES": "4",
+        "NEUROSCRIBE_LOGGING__LEVEL": "DEBUG",
+        **env_overrides,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    return Server(root=root, port=port, env=env, output=root.parent / f"{root.name}-stdout")
+
+
 ServerFactory = Callable[..., Server]
 
 
@@ -194,27 +227,13 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     servers: list[Server] = []
 
     def make(**env_overrides: str) -> Server:
-        root = tmp_path / f"server{len(servers)}"
-        port = free_port()
-        env = {
-            **os.environ,
-            "NEUROSCRIBE_STORAGE__ROOT": str(root),
-            "NEUROSCRIBE_DICOM__PORT": str(port),
-            "NEUROSCRIBE_STORAGE__MIN_FREE_BYTES": "0",
-            "NEUROSCRIBE_SERIES__QUIET_SECONDS": "1.5",
-            "NEUROSCRIBE_SERIES__POLL_SECONDS": "0.2",
-            "NEUROSCRIBE_SELECTION__MIN_SLICES": "4",
-            "NEUROSCRIBE_LOGGING__LEVEL": "DEBUG",
-            **env_overrides,
-        }
-        server = Server(root=root, port=port, env=env, output=tmp_path / f"server{len(servers)}")
+        server = make_server(tmp_path / f"server{len(servers)}", **env_overrides)
         servers.append(server)
         return server
 
     yield make
     for server in servers:
-        if server.proc is not None and server.proc.poll() is None:
-            server.kill()
+        server.ensure_stopped()
 
 
 @pytest.fixture

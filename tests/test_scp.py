@@ -5,7 +5,6 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -14,22 +13,13 @@ from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELo
 from pynetdicom import AE
 
 from neuroscribe.dicom_io.writer import CtSeriesSpec, write_ct_series
-from neuroscribe.store import SeriesRow, SeriesState, StateStore
-from tests.conftest import SERVER_AE, Server, ServerFactory, echoscu, require_tool, storescu
+from neuroscribe.store import SeriesState
+from tests.conftest import SERVER_AE, Server, ServerFactory, decided, echoscu, require_tool, storescu
 
 
 def small(**changes: object) -> CtSeriesSpec:
     """A small CT series spec with fresh UIDs."""
     return CtSeriesSpec(**{"rows": 64, "columns": 64, "slices": 8, **changes})  # type: ignore[arg-type]
-
-
-def series_state(uid: str) -> Callable[[StateStore], SeriesRow | None]:
-    """A predicate for Server.wait_for: the series row once it is decided."""
-
-    def predicate(store: StateStore) -> SeriesRow | None:
-        row = store.series_row(uid)
-        return row if row and row.state in (SeriesState.SELECTED, SeriesState.REJECTED) else None
-    return predicate
 
 
 def test_echo_answers_and_wrong_called_ae_is_refused(server: Server) -> None:
@@ -46,7 +36,7 @@ def test_storescu_series_is_stored_as_received_and_selected(server: Server, tmp_
     assert result.returncode == 0, result.stderr
     assert result.stderr.count("Received Store Response (Success)") == 12
 
-    row = server.wait_for(series_state(spec.series_instance_uid))
+    row = server.wait_for(decided(spec.series_instance_uid))
     assert row.state == SeriesState.SELECTED
     assert row.instance_count == 12
     assert row.completion == "quiet"
@@ -92,7 +82,7 @@ def test_compressed_transfer_syntaxes_are_stored_as_received(
     # Propose the files' own compressed syntax (storescu's -x? options), as a scanner would.
     result = storescu(server.port, compressed, extra=(propose, "-R"))
     assert result.returncode == 0, result.stderr
-    server.wait_for(series_state(spec.series_instance_uid))
+    server.wait_for(decided(spec.series_instance_uid))
     for path in compressed:
         sent = pydicom.dcmread(path)
         stored = pydicom.dcmread(server.root / "spool" / spec.series_instance_uid
@@ -106,7 +96,7 @@ def test_resent_instances_are_idempotent_and_late_instances_reopen(server: Serve
     spec = small(slices=6)
     files = write_ct_series(spec, tmp_path / "ct")
     assert storescu(server.port, files[:5]).returncode == 0
-    first = server.wait_for(series_state(spec.series_instance_uid))
+    first = server.wait_for(decided(spec.series_instance_uid))
     assert (first.revision, first.instance_count) == (1, 5)
 
     assert storescu(server.port, files[:5]).returncode == 0  # the same five again
@@ -204,7 +194,7 @@ def test_four_concurrent_scanners_lose_nothing(server: Server, tmp_path: Path) -
     assert [r.returncode for r in results] == [0, 0, 0, 0]
     assert sum(r.stderr.count("Received Store Response (Success)") for r in results) == 400
     for spec in specs:
-        row = server.wait_for(series_state(spec.series_instance_uid), timeout=60)
+        row = server.wait_for(decided(spec.series_instance_uid), timeout=60)
         assert (row.state, row.instance_count) == (SeriesState.SELECTED, 100)
         assert len(list((server.root / "spool" / spec.series_instance_uid).iterdir())) == 100
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
-    CTImageStorage,
-    ExplicitVRLittleEndian,
     PYDICOM_IMPLEMENTATION_UID,
     UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
     generate_uid,
 )
 
