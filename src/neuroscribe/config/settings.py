@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -124,14 +124,13 @@ class SeriesSettings(_Section):
     #: How often the assembler looks for quiet series.
     poll_seconds: float = Field(1.0, gt=0)
 
-    @model_validator(mode="after")
-    def _ceiling_above_quiet(self) -> SeriesSettings:
-        if self.force_complete_seconds <= self.quiet_seconds:
-            raise ValueError(
-                f"force_complete_seconds ({self.force_complete_seconds}) must exceed "
-                f"quiet_seconds ({self.quiet_seconds})"
-            )
-        return self
+    @field_validator("force_complete_seconds")
+    @classmethod
+    def _ceiling_above_quiet(cls, value: float, info: ValidationInfo) -> float:
+        quiet = info.data.get("quiet_seconds")
+        if quiet is not None and value <= quiet:
+            raise ValueError(f"must exceed quiet_seconds ({quiet})")
+        return value
 
 
 class SelectionSettings(_Section):
@@ -159,11 +158,13 @@ class SelectionSettings(_Section):
             raise ValueError(f"not a valid regular expression: {exc}") from exc
         return value
 
-    @model_validator(mode="after")
-    def _range(self) -> SelectionSettings:
-        if self.slice_thickness_min_mm > self.slice_thickness_max_mm:
-            raise ValueError("slice_thickness_min_mm is above slice_thickness_max_mm")
-        return self
+    @field_validator("slice_thickness_max_mm")
+    @classmethod
+    def _range(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("slice_thickness_min_mm")
+        if low is not None and value < low:
+            raise ValueError(f"is below slice_thickness_min_mm ({low})")
+        return value
 
 
 class LoggingSettings(_Section):

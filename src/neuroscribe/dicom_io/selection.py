@@ -8,6 +8,7 @@ Every series that is not chosen gets a reason code and a detail free of patient 
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -108,15 +109,14 @@ def choose(candidates: Sequence[SeriesSummary], rules: SelectionSettings) -> Ser
         return None
     if not rules.prefer_largest:
         return candidates[0]
-    # Most slices wins; ties go to the thinner slices, then to the earlier series number.
-    return max(
-        candidates,
-        key=lambda s: (
-            s.slice_count,
-            -(s.most_common("slice_thickness") or 0.0),
-            -(s.most_common("series_number") or 0.0),
-        ),
-    )
+    # Most slices wins; ties go to the thinner slices, then to the lower series number (a series
+    # without one comes last).
+    def rank(s: SeriesSummary) -> tuple[int, float, float]:
+        number = s.most_common("series_number")
+        return (s.slice_count, -(s.most_common("slice_thickness") or 0.0),
+                -(math.inf if number is None else number))
+
+    return max(candidates, key=rank)
 
 
 def _is_head(summary: SeriesSummary, pattern: str) -> bool:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
+from neuroscribe.errors import StoreError
+
 
 @dataclass(frozen=True)
 class Migration:
@@ -98,7 +100,7 @@ def migrate(conn: Connection, on_applied: Callable[[Migration], None] | None = N
     """
     version = current_version(conn)
     if version > LATEST_VERSION:
-        raise RuntimeError(
+        raise StoreError(
             f"state database has schema version {version}, newer than this NeuroScribe "
             f"({LATEST_VERSION}); upgrade NeuroScribe or restore a backup"
         )
