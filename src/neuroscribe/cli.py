@@ -1,41 +1,39 @@
-"""The ``neuroscribe`` command: one sub-command per task an operator or engineer has."""
+"""The ``neuroscribe`` command: one sub-command per task an operator or engineer has.
+
+Each sub-command lives in a small module with ``add_arguments(parser)`` and
+``run(settings, args) -> int``; heavy imports happen inside ``run``, so ``neuroscribe --help`` and
+the service stay light (the service never imports the training code).
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
+from types import ModuleType
 
 from neuroscribe import __version__
-from neuroscribe.config import Settings, load_settings
+from neuroscribe.config import load_settings
 from neuroscribe.errors import ConfigError, NeuroScribeError
 from neuroscribe.log import configure_logging, get_logger
 
 LOG = get_logger(__name__)
 
-
-def _serve(settings: Settings, _args: argparse.Namespace) -> int:
-    from neuroscribe.daemon.service import Service
-
-    return Service(settings).run_until_signal()
-
-
-def _doctor(settings: Settings, _args: argparse.Namespace) -> int:
-    from neuroscribe.daemon.doctor import run_checks
-
-    checks = run_checks(settings)
-    for check in checks:
-        mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
-        print(f"[{mark}] {check.name:<22} {check.detail}")
-    failed = [c for c in checks if c.required and not c.ok]
-    print(f"{len(failed)} required check(s) failed" if failed else "all required checks passed")
-    return 1 if failed else 0
-
-
-COMMANDS = {
-    "serve": (_serve, "run the service: Storage SCP and series assembly, until SIGTERM"),
-    "doctor": (_doctor, "check configuration, storage, database, port and tools"),
+#: name -> (module implementing it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("neuroscribe.daemon.commands.serve",
+              "run the service: Storage SCP and series assembly, until SIGTERM"),
+    "doctor": ("neuroscribe.daemon.commands.doctor",
+               "check configuration, storage, database, port and tools"),
 }
+
+#: Commands that write the service's log file under storage.root (others log to stdout only).
+SERVICE_COMMANDS = frozenset({"serve"})
+
+
+def _module(name: str) -> ModuleType:
+    return importlib.import_module(COMMANDS[name][0])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"neuroscribe {__version__}")
     parser.add_argument("--config", type=Path, help="TOML settings file (NEUROSCRIBE_* env wins)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_func, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, description=help_text)
+    for name, (_module_name, help_text) in COMMANDS.items():
+        command_parser = sub.add_parser(name, help=help_text, description=help_text)
+        _module(name).add_arguments(command_parser)
     return parser
 
 
@@ -61,14 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"neuroscribe: {exc}", file=sys.stderr)
         return 2
     log = settings.logging
-    configure_logging(
-        level=log.level,
-        fmt=log.format,
-        log_dir=settings.storage.log_dir if (log.to_file and args.command == "serve") else None,
-    )
-    func, _help = COMMANDS[args.command]
+    to_file = log.to_file and args.command in SERVICE_COMMANDS
+    configure_logging(level=log.level, fmt=log.format,
+                      log_dir=settings.storage.log_dir if to_file else None)
     try:
-        return func(settings, args)
+        return int(_module(args.command).run(settings, args))
     except NeuroScribeError as exc:
         LOG.error("command failed", command=args.command, error=str(exc))
         print(f"neuroscribe {args.command}: {exc}", file=sys.stderr)

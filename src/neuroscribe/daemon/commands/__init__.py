@@ -1,0 +1,1 @@
+"""Sub-commands of ``neuroscribe`` that belong to the service (see ``neuroscribe.cli``)."""

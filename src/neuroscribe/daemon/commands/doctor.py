@@ -1,0 +1,24 @@
+"""``neuroscribe doctor``: print each check, exit 1 if a required one failed."""
+
+from __future__ import annotations
+
+import argparse
+
+from neuroscribe.config import Settings
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """No options: it checks the settings in force."""
+
+
+def run(settings: Settings, _args: argparse.Namespace) -> int:
+    """Run every check and print one line each."""
+    from neuroscribe.daemon.doctor import run_checks
+
+    checks = run_checks(settings)
+    for check in checks:
+        mark = "ok  " if check.ok else ("FAIL" if check.required else "warn")
+        print(f"[{mark}] {check.name:<22} {check.detail}")
+    failed = [c for c in checks if c.required and not c.ok]
+    print(f"{len(failed)} required check(s) failed" if failed else "all required checks passed")
+    return 1 if failed else 0
