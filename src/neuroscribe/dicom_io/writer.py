@@ -7,7 +7,6 @@ geometry, rescale to HU). Pixel content comes from the caller: a HU volume or a 
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -15,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
+from pydicom.tag import Tag
 from pydicom.uid import (
     PYDICOM_IMPLEMENTATION_UID,
     UID,
@@ -79,6 +81,11 @@ class CtSeriesSpec:
     convolution_kernel: str = "H30s"
     sop_class_uid: str = CTImageStorage
 
+    def sop_instance_uid(self, index: int) -> str:
+        """SOP Instance UID of slice ``index``: derived from the series UID, so a series written
+        twice from the same spec has the same UIDs (and synthetic data is reproducible)."""
+        return str(generate_uid(entropy_srcs=[self.series_instance_uid, str(index)]))
+
     def with_(self, **changes: object) -> CtSeriesSpec:
         """A copy with some fields changed."""
         return replace(self, **changes)  # type: ignore[arg-type]
@@ -118,8 +125,9 @@ def ct_slice_dataset(
     """One CT image as a pydicom Dataset with file meta (Explicit VR Little Endian).
 
     ``hu`` is a (rows, columns) array in Hounsfield units; None writes a header with no pixel data.
+    ``sop_instance_uid`` defaults to :meth:`CtSeriesSpec.sop_instance_uid`.
     """
-    sop_uid = sop_instance_uid or _uid()
+    sop_uid = sop_instance_uid or spec.sop_instance_uid(index)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(spec.sop_class_uid)
     meta.MediaStorageSOPInstanceUID = UID(sop_uid)
@@ -133,9 +141,8 @@ def ct_slice_dataset(
     ds.SOPClassUID = spec.sop_class_uid
     ds.SOPInstanceUID = sop_uid
     ds.ImageType = list(spec.image_type)
-    now = dt.datetime.now(tz=dt.UTC)
-    ds.InstanceCreationDate = now.strftime("%Y%m%d")
-    ds.InstanceCreationTime = now.strftime("%H%M%S")
+    ds.InstanceCreationDate = spec.study_date
+    ds.InstanceCreationTime = spec.study_time
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = spec.study_date
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = spec.study_time
     ds.AccessionNumber = spec.accession_number
@@ -187,7 +194,7 @@ def ct_slice_dataset(
     if hu is not None:
         if hu.shape != (spec.rows, spec.columns):
             raise ValueError(f"hu has shape {hu.shape}, spec wants {(spec.rows, spec.columns)}")
-        ds.PixelData = hu_to_stored(hu, spec).tobytes()
+        ds.add_new("PixelData", "OW", hu_to_stored(hu, spec).tobytes())
     return ds
 
 
@@ -212,9 +219,67 @@ def write_ct_series(
     slice_of = _slice_source(spec, pixels)
     numbering = list(order) if order is not None else list(range(spec.slices))
     paths = [out_dir / f"IMG{numbering[k] + 1:05d}.dcm" for k in range(spec.slices)]
+    encoder = _SeriesEncoder(ct_slice_dataset(spec, 0, None))
     for k, path in enumerate(paths):
-        ct_slice_dataset(spec, k, slice_of(k)).save_as(path, enforce_file_format=True)
+        path.write_bytes(encoder.encode(ct_slice_dataset_changes(spec, k, slice_of(k))))
     return paths
+
+
+#: The elements that differ between the slices of a series written by :func:`write_ct_series`.
+_PER_SLICE_KEYWORDS = ("SOPInstanceUID", "InstanceNumber", "ImagePositionPatient", "SliceLocation",
+                       "PixelData")
+
+
+def ct_slice_dataset_changes(spec: CtSeriesSpec, index: int, hu: np.ndarray) -> Dataset:
+    """The per-slice elements of slice ``index`` (what :func:`ct_slice_dataset` varies by index)."""
+    if hu.shape != (spec.rows, spec.columns):
+        raise ValueError(f"hu has shape {hu.shape}, spec wants {(spec.rows, spec.columns)}")
+    ds = Dataset()
+    ds.SOPInstanceUID = spec.sop_instance_uid(index)
+    ds.InstanceNumber = index + 1
+    ds.ImagePositionPatient = [_ds(v) for v in spec.position(index)]
+    ds.SliceLocation = _ds(spec.position(index)[2])
+    ds.add_new("PixelData", "OW", hu_to_stored(hu, spec).tobytes())
+    return ds
+
+
+class _SeriesEncoder:
+    """Encodes the slices of one series from a template: the elements every slice shares are
+    encoded once, so a slice costs only its few per-slice elements (pydicom's ``save_as`` spends
+    most of its time re-encoding the ~70 shared header elements)."""
+
+    def __init__(self, template: Dataset) -> None:
+        self.meta = template.file_meta
+        varying = sorted(Tag(keyword) for keyword in _PER_SLICE_KEYWORDS)
+        runs: list[Dataset] = [Dataset() for _ in range(len(varying) + 1)]
+        for element in template:
+            if element.tag in varying:
+                continue
+            runs[sum(element.tag > tag for tag in varying)].add(element)
+        self.varying = varying
+        self.runs = [_encode(run) for run in runs]
+
+    def encode(self, changes: Dataset) -> bytes:
+        """Preamble, file meta and data set of one slice with ``changes`` applied."""
+        meta = FileMetaDataset(self.meta)
+        meta.MediaStorageSOPInstanceUID = changes.SOPInstanceUID
+        head = DicomBytesIO()
+        head.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(head, meta, enforce_standard=True)
+        parts = [head.getvalue(), self.runs[0]]
+        for tag, run in zip(self.varying, self.runs[1:], strict=True):
+            single = Dataset()
+            single.add(changes[tag])
+            parts += [_encode(single), run]
+        return b"".join(parts)
+
+
+def _encode(ds: Dataset) -> bytes:
+    """Explicit VR Little Endian encoding of a data set's elements."""
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return fp.getvalue()
 
 
 def _slice_source(spec: CtSeriesSpec, pixels: np.ndarray | SliceFunction | None) -> SliceFunction:
