@@ -19,13 +19,8 @@ import structlog
 
 from neuroscribe.cli import main
 from neuroscribe.training.metrics import captioning
-from neuroscribe.training.metrics.forte import CATEGORIES, load_pairs, score_row
-from neuroscribe.training.metrics.html_report import (
-    keyword_differences,
-    keyword_groups,
-    worst_rows,
-    write_html,
-)
+from neuroscribe.training.metrics.forte import CATEGORIES, Pair, evaluate_forte, load_pairs
+from neuroscribe.training.metrics.html_report import render_html, worst_rows, write_html
 
 EXAMPLE_PAIRS = Path(__file__).parent / "data" / "forte" / "example_pairs.jsonl"
 EXAMPLE_IDS = [pair.id for pair in load_pairs(EXAMPLE_PAIRS)]
@@ -192,7 +187,7 @@ class TestFullRun:
 
 
 class TestHtmlReport:
-    """write_html on its own: escaping, directory output, keyword differences by synonym group."""
+    """write_html on its own: escaping, directory output, FORTE's matched/missed/extra keywords."""
 
     def test_texts_are_escaped(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
         """Markup in a report is shown as text, never run."""
@@ -212,15 +207,30 @@ class TestHtmlReport:
 
     @pytest.mark.parametrize("mode", ["strict", "compat-head"])
     def test_synonyms_are_matched_not_missed(self, mode: str) -> None:
-        """'SDH' and 'subdural hematoma' are one group: matched, not missed plus extra."""
-        row = score_row("Acute SDH at left frontal.", "Acute subdural hematoma at left frontal lobe.", mode)
-        impression = row.categories["impression"].to_json(mode == "strict")
-        groups = keyword_groups(mode)
-        assert groups is not None
-        assert keyword_differences(impression, groups["impression"]) == {
-            "matched": ["sdh"], "missed": [], "extra": [],
-        }
-        assert keyword_differences(impression)["missed"] == ["sdh"]  # without groups: plain sets
+        """'SDH' and 'subdural hematoma' are one group: the page shows 'sdh' matched, not missed + extra."""
+        pairs = [Pair("p", "Acute SDH at left frontal.", "Acute subdural hematoma at left frontal lobe.")]
+        forte = evaluate_forte(pairs, mode).to_json(rows=True)
+        impression = forte["rows"][0]["categories"]["impression"]
+        assert (impression["matched"], impression["missed"], impression["extra"]) == (["sdh"], [], [])
+        page = render_html(forte)
+        assert "<span class='matched'>sdh</span>" in page
+        assert "<span class='missed'>sdh" not in page
+        assert "<span class='extra'>subdural hematoma" not in page
+
+    def test_page_shows_the_rows_outcome_as_given(self) -> None:
+        """The worst-rows table lists the row's own matched/missed/extra lists; it recomputes nothing."""
+        category = {"reference_keywords": ["a", "b"], "candidate_keywords": ["c"], "precision": 0.5,
+                    "recall": 0.5, "f1": 0.5, "matched": ["b"], "missed": ["a"], "extra": ["c<d"]}
+        empty = {"reference_keywords": [], "candidate_keywords": [], "precision": None, "recall": None,
+                 "f1": None, "matched": [], "missed": [], "extra": []}
+        totals = {"precision": 0.5, "recall": 0.5, "f1": 0.5, "n_rows": 1}
+        forte = {"mode": "compat-head", "unit": "report", "n_pairs": 1, "n_rows": 1, "mean_f1": 0.5,
+                 "categories": dict.fromkeys(CATEGORIES, totals),
+                 "rows": [{"pair_id": "p", "reference": "r", "candidate": "c", "negation_removed": False,
+                           "categories": {c: category if c == "feature" else empty for c in CATEGORIES}}]}
+        page = render_html(forte)
+        assert ("<td><span class='matched'>b</span></td><td><span class='missed'>a</span></td>"
+                "<td><span class='extra'>c&lt;d</span></td>") in page
 
     def test_worst_rows_lowest_f1_first(self) -> None:
         """Rows are ranked by the mean of their defined category F1s; negation-removed rows are skipped."""

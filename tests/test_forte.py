@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import sys
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,9 @@ from neuroscribe.training.metrics.forte import (
     Pair,
     PairsFileError,
     Unit,
+    _compat_representative,
     aggregate_rows,
+    compat_keywords,
     evaluate_forte,
     extract_keywords,
     load_pairs,
@@ -338,6 +341,98 @@ class TestStrictRowScores:
         both_empty = score_row("x", "y").categories["impression"]
         assert (both_empty.precision, both_empty.recall, both_empty.f1,
                                              both_empty.defined) == (None, None, None, False)
+
+
+# -- matched / missed / extra ----------------------------------------------------------------------
+
+
+def _group_lookup(row: ForteRow, category: str, mode: Mode) -> Callable[[str], str]:
+    """keyword → the synonym group FORTE gives it in this row (compat: the original's representative)."""
+    if mode is Mode.STRICT:
+        lexicon = strict_lexicon()
+        groups = {**lexicon.analyse(row.reference).groups[category],
+                  **lexicon.analyse(row.candidate).groups[category]}
+        return groups.__getitem__
+    table = compat_keywords(mode)[category]
+    return lambda keyword: _compat_representative(" " + keyword, table)
+
+
+def _expected_pr(score: CategoryScore, mode: Mode) -> tuple[float | None, float | None]:
+    """Precision and recall from the group counts, by each mode's row definitions."""
+    tp, fp, fn = score.tp, score.fp, score.fn
+    if mode is Mode.STRICT:
+        return (tp / (tp + fp) if tp + fp else None), (tp / (tp + fn) if tp + fn else None)
+    if not score.reference_keywords:
+        return (0.0 if score.candidate_keywords else None), None
+    if not score.candidate_keywords:
+        return None, 0.0
+    return (tp / (tp + fp) if tp + fp else 0.0), tp / (tp + fn)
+
+
+class TestRowOutcome:
+    """Each row category carries FORTE's own group-level outcome: matched, missed, extra."""
+
+    @pytest.mark.parametrize("mode", [Mode.COMPAT_HEAD, Mode.STRICT])
+    def test_synonym_is_matched_not_extra(self, mode: Mode) -> None:
+        """'SDH' vs 'subdural hematoma' (one group): the reference term is matched, the synonym not extra."""
+        impression = score_row("SDH at left", "subdural hematoma on the left", mode).categories["impression"]
+        assert impression.candidate_keywords == ("subdural hematoma",)
+        assert "sdh" in impression.matched
+        assert "subdural hematoma" not in impression.extra
+        assert (impression.matched, impression.missed, impression.extra) == (("sdh",), (), ())
+        assert (impression.tp, impression.fp, impression.fn) == (1, 0, 0)
+
+    @pytest.mark.parametrize("mode", list(Mode))
+    def test_clear_miss(self, mode: Mode) -> None:
+        """Findings of one side only are missed (reference) or extra (candidate); a shared one is matched."""
+        row = score_row(" Subdural hematoma and mild atrophy.", " Old infarcts and atrophy.", mode)
+        outcome = {category: (score.matched, score.missed, score.extra)
+                   for category, score in row.categories.items()}
+        assert outcome == {
+            "degree": ((), ("mild",), ("old",)),
+            "landmark": ((), ("subdural",), ()),
+            "feature": (("atrophy",), ("hematoma",), ("infarcts",)),
+            "impression": ((), ("subdural hematoma",), ()),
+        }
+        data = evaluate_forte([Pair("p", row.reference, row.candidate)], mode).to_json(rows=True)
+        feature = data["rows"][0]["categories"]["feature"]
+        assert (feature["matched"], feature["missed"], feature["extra"]) == (["atrophy"], ["hematoma"],
+                                                                              ["infarcts"])
+
+    def test_compat_overlapping_keys(self) -> None:
+        """compat 'low density' vs 'hypodensity': the synonym is matched, the stray 'density' key missed."""
+        feature = score_row("low density", "hypodensity", Mode.COMPAT_HEAD).categories["feature"]
+        assert (feature.matched, feature.missed, feature.extra) == (("low density",), ("density",), ())
+        assert (feature.tp, feature.fp, feature.fn) == (1, 0, 1)
+
+    @pytest.mark.parametrize("unit", list(Unit))
+    @pytest.mark.parametrize("mode", list(Mode))
+    def test_outcome_agrees_with_counts_on_the_examples(self, mode: Mode, unit: Unit) -> None:
+        """On every row of the shipped examples, TP/FN/FP are the numbers of matched/missed/extra groups,
+        precision and recall follow from them, and to_json(rows=True) carries the same lists."""
+        result = evaluate_forte(load_pairs(DATA / "example_pairs.jsonl"), mode, unit)
+        rows_json = result.to_json(rows=True)["rows"]
+        checked = 0
+        for row, row_json in zip(result.rows, rows_json, strict=True):
+            for category in CATEGORIES:
+                score, group = row.categories[category], _group_lookup(row, category, mode)
+                for name in ("matched", "missed", "extra"):
+                    values = getattr(score, name)
+                    assert list(values) == sorted(values) == row_json["categories"][category][name]
+                assert sorted(score.matched + score.missed) == list(score.reference_keywords)
+                assert set(score.extra) <= set(score.candidate_keywords)
+                reference = {group(keyword) for keyword in score.reference_keywords}
+                candidate = {group(keyword) for keyword in score.candidate_keywords}
+                matched = {group(keyword) for keyword in score.matched}
+                missed = {group(keyword) for keyword in score.missed}
+                extra = {group(keyword) for keyword in score.extra}
+                assert (matched, missed, extra) == (reference & candidate, reference - candidate,
+                                                    candidate - reference), (category, row.reference)
+                assert (score.tp, score.fn, score.fp) == (len(matched), len(missed), len(extra))
+                precision, recall = _expected_pr(score, mode)
+                assert _close(precision, score.precision) and _close(recall, score.recall), (category, row)
+                checked += bool(score.matched)
+        assert checked  # the examples do have matches
 
 
 # -- aggregation -----------------------------------------------------------------------------------

@@ -192,6 +192,10 @@ class CategoryScore:
 
     ``precision``/``recall``/``f1`` are ``None`` where undefined. ``tp``/``fp``/``fn`` count keyword
     groups (synonyms collapsed). ``*_negated`` are strict mode's negated mentions (not scored).
+    ``matched``/``missed``/``extra`` are the group-level outcome behind the counts, as sorted keywords
+    of ``reference_keywords`` (matched: its group is also on the candidate side; missed: it is not)
+    and of ``candidate_keywords`` (extra: its group is not on the reference side); they are filled by
+    the row scorers (:func:`score_row`) and left empty when a score is built by hand.
     """
 
     reference_keywords: tuple[str, ...]
@@ -204,6 +208,9 @@ class CategoryScore:
     fn: int = 0
     reference_negated: tuple[str, ...] = ()
     candidate_negated: tuple[str, ...] = ()
+    matched: tuple[str, ...] = ()
+    missed: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()
 
     @property
     def defined(self) -> bool:
@@ -218,6 +225,9 @@ class CategoryScore:
             "precision": _float(self.precision),
             "recall": _float(self.recall),
             "f1": _float(self.f1),
+            "matched": list(self.matched),
+            "missed": list(self.missed),
+            "extra": list(self.extra),
         }
         if strict:
             data |= {"tp": self.tp, "fp": self.fp, "fn": self.fn,
@@ -275,23 +285,34 @@ def _compat_synonyms(key: str, table: Mapping[str, Sequence[str]]) -> frozenset[
 
 def _compat_score(reference: frozenset[str], candidate: frozenset[str],
                   table: Mapping[str, Sequence[str]]) -> CategoryScore:
-    """The original ``calculate_precision_recall`` on one category, plus F1 and counts."""
+    """The original ``calculate_precision_recall`` on one category, plus F1, counts and outcomes.
+
+    A reference representative is a true positive when it is in the synonym list of a candidate
+    representative (the original's test); the same test, read from the candidate side, tells which
+    candidate keywords are extra.
+    """
     reference_sorted, candidate_sorted = tuple(sorted(reference)), tuple(sorted(candidate))
-    gt = {_compat_representative(" " + keyword, table) for keyword in reference}
-    out = {_compat_representative(" " + keyword, table) for keyword in candidate}
+    gt_of = {keyword: _compat_representative(" " + keyword, table) for keyword in reference_sorted}
+    out_of = {keyword: _compat_representative(" " + keyword, table) for keyword in candidate_sorted}
+    gt, out = set(gt_of.values()), set(out_of.values())
+    found = {key for key in gt if any(key in _compat_synonyms(other, table) for other in out)}
+    answered = {other for other in out if any(key in _compat_synonyms(other, table) for key in gt)}
+    matched = tuple(keyword for keyword in reference_sorted if gt_of[keyword] in found)
+    missed = tuple(keyword for keyword in reference_sorted if gt_of[keyword] not in found)
+    extra = tuple(keyword for keyword in candidate_sorted if out_of[keyword] not in answered)
     if not reference and not candidate:
         return CategoryScore(reference_sorted, candidate_sorted, None, None, None)
     if not reference:
-        return CategoryScore(reference_sorted, candidate_sorted, 0.0, None, None, fp=len(out))
+        return CategoryScore(reference_sorted, candidate_sorted, 0.0, None, None, fp=len(out), extra=extra)
     if not candidate:
-        return CategoryScore(reference_sorted, candidate_sorted, None, 0.0, None, fn=len(gt))
-    tp = sum(1 for key in gt if any(key in _compat_synonyms(other, table) for other in out))
+        return CategoryScore(reference_sorted, candidate_sorted, None, 0.0, None, fn=len(gt), missed=missed)
+    tp = len(found)
     fp = len(out) - tp
     fn = len(gt) - tp
     precision = tp / (tp + fp) if tp + fp > 0 else 0.0
     recall = tp / len(gt)
     return CategoryScore(reference_sorted, candidate_sorted, precision, recall, _row_f1(precision, recall),
-                         tp=tp, fp=fp, fn=fn)
+                         tp=tp, fp=fp, fn=fn, matched=matched, missed=missed, extra=extra)
 
 
 def _compat_row(pair_id: str, reference: str, candidate: str, mode: Mode,
@@ -600,16 +621,21 @@ def extract_keywords(text: str, mode: Mode | str = Mode.STRICT) -> dict[str, tup
 
 
 def _strict_score(reference: TextKeywords, candidate: TextKeywords, category: str) -> CategoryScore:
-    gt = {reference.groups[category][term] for term in reference.positive[category]}
-    out = {candidate.groups[category][term] for term in candidate.positive[category]}
+    reference_sorted = tuple(sorted(reference.positive[category]))
+    candidate_sorted = tuple(sorted(candidate.positive[category]))
+    gt_of, out_of = reference.groups[category], candidate.groups[category]
+    gt = {gt_of[term] for term in reference_sorted}
+    out = {out_of[term] for term in candidate_sorted}
     tp, fp, fn = len(gt & out), len(out - gt), len(gt - out)
     precision = tp / len(out) if out else None
     recall = tp / len(gt) if gt else None
     f1 = 2 * tp / (2 * tp + fp + fn) if gt or out else None
     return CategoryScore(
-        tuple(sorted(reference.positive[category])), tuple(sorted(candidate.positive[category])),
-        precision, recall, f1, tp, fp, fn,
+        reference_sorted, candidate_sorted, precision, recall, f1, tp, fp, fn,
         tuple(sorted(reference.negated[category])), tuple(sorted(candidate.negated[category])),
+        matched=tuple(term for term in reference_sorted if gt_of[term] in out),
+        missed=tuple(term for term in reference_sorted if gt_of[term] not in out),
+        extra=tuple(term for term in candidate_sorted if out_of[term] not in gt),
     )
 
 

@@ -2,10 +2,12 @@
 
 The page holds a bar chart of per-category FORTE precision/recall/F1 (a PNG drawn with matplotlib's
 Agg canvas, embedded as a base64 data URI, so the page is one file), the metrics tables, the FORTE
-mode/unit/aggregation in force, and the rows with the lowest F1 with their keyword differences:
+mode/unit/aggregation in force, and the rows with the lowest F1 with their keyword outcome, taken as
+is from each row category of ``ForteResult.to_json(rows=True)`` (FORTE compares by synonym group):
 
-* *missed*: keywords in the reference but not in the candidate (recall lost);
-* *extra*: keywords in the candidate but not in the reference (precision lost).
+* *matched*: reference keywords whose group the candidate also has;
+* *missed*: reference keywords whose group the candidate lacks (recall lost);
+* *extra*: candidate keywords whose group the reference lacks (precision lost).
 
 Every text from the input is HTML-escaped. The page is written to a temporary name, fsync'd and
 moved into place, so a reader never sees half a page.
@@ -117,59 +119,6 @@ def category_chart_png(forte_json: Mapping[str, Any]) -> bytes:
         buffer = io.BytesIO()
         figure.savefig(buffer, format="png", metadata={"Software": None})  # no version stamp: deterministic
     return buffer.getvalue()
-
-
-def keyword_groups(mode: str | None) -> dict[str, dict[str, str]] | None:
-    """category -> {keyword as FORTE reports it: its synonym group}, for a FORTE mode; None if unknown.
-
-    Two keywords of one group (``hemorrhage``/``haemorrhage``) match each other, so the differences
-    must be taken between groups, as FORTE scores them: strict mode's groups are the lists of the strict
-    lexicon (a keyword is reported as one of its terms); compat modes map a keyword to the first key
-    whose synonym list holds it with a leading space, as the original code does.
-    """
-    try:
-        from neuroscribe.training.metrics.forte import CATEGORIES, Mode, compat_keywords, strict_lexicon
-    except ImportError:  # pragma: no cover - forte ships with this module
-        return None
-    if mode == Mode.STRICT.value:
-        lexicon = strict_lexicon()
-        return {category: {term: group[0] for group in lexicon.groups[category] for term in group}
-                for category in CATEGORIES}
-    if mode in (Mode.COMPAT_HEAD.value, Mode.COMPAT_PAPER.value):
-        tables = compat_keywords(Mode(mode))
-        groups: dict[str, dict[str, str]] = {}
-        for category in CATEGORIES:
-            table = tables[category]
-            first_key: dict[str, str] = {}
-            for key, synonyms in table.items():
-                for synonym in synonyms:
-                    first_key.setdefault(synonym, key)
-            groups[category] = {key.strip(): first_key.get(" " + key.strip(), " " + key.strip())
-                                for key in table}
-        return groups
-    return None
-
-
-def keyword_differences(category_row: Mapping[str, Any],
-                        groups: Mapping[str, str] | None = None) -> dict[str, list[str]]:
-    """Matched, missed (reference only) and extra (candidate only) keywords of one row's category.
-
-    Uses the row's own ``matched``/``missed``/``extra`` lists when FORTE provides them; otherwise compares
-    ``reference_keywords`` and ``candidate_keywords`` by synonym group (``groups``: keyword -> group,
-    see :func:`keyword_groups`; a keyword not in it is its own group).
-    """
-    reference = list(dict.fromkeys(str(k) for k in category_row.get("reference_keywords") or []))
-    candidate = list(dict.fromkeys(str(k) for k in category_row.get("candidate_keywords") or []))
-    lookup = groups or {}
-    reference_groups = {lookup.get(k, k) for k in reference}
-    candidate_groups = {lookup.get(k, k) for k in candidate}
-    computed = {
-        "matched": [k for k in reference if lookup.get(k, k) in candidate_groups],
-        "missed": [k for k in reference if lookup.get(k, k) not in candidate_groups],
-        "extra": [k for k in candidate if lookup.get(k, k) not in reference_groups],
-    }
-    return {key: [str(k) for k in category_row[key]] if isinstance(category_row.get(key), list) else value
-            for key, value in computed.items()}
 
 
 def row_f1(row: Mapping[str, Any]) -> float | None:
@@ -301,8 +250,7 @@ def _keywords(words: Sequence[str], css: str) -> str:
     return f"<span class='{css}'>{_esc(', '.join(words))}</span>" if words else "&mdash;"
 
 
-def _row_block(rank: int, row: Mapping[str, Any], per_report: Mapping[str, Mapping[str, Any]],
-               groups: Mapping[str, Mapping[str, str]] | None) -> str:
+def _row_block(rank: int, row: Mapping[str, Any], per_report: Mapping[str, Mapping[str, Any]]) -> str:
     pair_id = row.get("pair_id", "")
     heading = f"{rank}. {_esc(pair_id)} &mdash; row F1 {_fmt(row_f1(row))}"
     if row.get("similarity") is not None:
@@ -325,7 +273,6 @@ def _row_block(rank: int, row: Mapping[str, Any], per_report: Mapping[str, Mappi
                  "<th>Extra (in candidate, not reference)</th>"
                  + ("<th>Negated, not scored (reference / candidate)</th>" if negation else "") + "</tr>")
     for name, values in categories.items():
-        diff = keyword_differences(values, (groups or {}).get(name))
         negated = ""
         if negation:
             negated = (f"<td>{_keywords(values.get('reference_negated') or [], 'note')} / "
@@ -333,8 +280,9 @@ def _row_block(rank: int, row: Mapping[str, Any], per_report: Mapping[str, Mappi
         parts.append(
             f"<tr><td>{_esc(name)}</td><td class='num'>{_fmt(values.get('precision'))}</td>"
             f"<td class='num'>{_fmt(values.get('recall'))}</td><td class='num'>{_fmt(values.get('f1'))}</td>"
-            f"<td>{_keywords(diff['matched'], 'matched')}</td><td>{_keywords(diff['missed'], 'missed')}</td>"
-            f"<td>{_keywords(diff['extra'], 'extra')}</td>{negated}</tr>"
+            f"<td>{_keywords(values.get('matched') or [], 'matched')}</td>"
+            f"<td>{_keywords(values.get('missed') or [], 'missed')}</td>"
+            f"<td>{_keywords(values.get('extra') or [], 'extra')}</td>{negated}</tr>"
         )
     parts.append("</table></div>")
     return "\n".join(parts)
@@ -354,8 +302,7 @@ def _worst_section(forte_json: Mapping[str, Any], captioning_json: Mapping[str, 
             "recall, <span class='extra'>extra</span> ones cost precision.</p>")
     if not rows:
         return head + "\n<p class='note'>No row has a defined F1.</p>"
-    groups = keyword_groups(forte_json.get("mode"))
-    return "\n".join([head, *(_row_block(i + 1, r, per_report, groups) for i, r in enumerate(rows))])
+    return "\n".join([head, *(_row_block(i + 1, r, per_report) for i, r in enumerate(rows))])
 
 
 def render_html(forte_json: Mapping[str, Any], captioning_json: Mapping[str, Any] | None = None, *,
