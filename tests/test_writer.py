@@ -70,3 +70,15 @@ def test_dciodvfy_finds_no_errors(tmp_path: Path, volume: np.ndarray) -> None:
     report = result.stdout + result.stderr
     assert "CTImage" in report
     assert "Error" not in report, report
+
+
+def test_text_is_encoded_in_the_declared_character_set(tmp_path: Path, volume: np.ndarray) -> None:
+    """With ISO_IR 192 every text element is UTF-8 on disk, including those shared by all slices."""
+    spec = CtSeriesSpec(rows=32, columns=32, slices=5, specific_character_set="ISO_IR 192",
+                        patient_name="Müller^Zoë", series_description="Schädel nativ")
+    path = write_ct_series(spec, tmp_path, volume)[3]
+    raw = path.read_bytes()
+    assert "Müller^Zoë".encode() in raw
+    assert "Schädel".encode() in raw
+    assert "Müller".encode("latin-1") not in raw
+    assert str(pydicom.dcmread(path).PatientName) == "Müller^Zoë"

@@ -257,7 +257,8 @@ class _SeriesEncoder:
                 continue
             runs[sum(element.tag > tag for tag in varying)].add(element)
         self.varying = varying
-        self.runs = [_encode(run) for run in runs]
+        self.encoding = template._character_set  # runs without SpecificCharacterSet inherit it
+        self.runs = [_encode(run, self.encoding) for run in runs]
 
     def encode(self, changes: Dataset) -> bytes:
         """Preamble, file meta and data set of one slice with ``changes`` applied."""
@@ -270,15 +271,15 @@ class _SeriesEncoder:
         for tag, run in zip(self.varying, self.runs[1:], strict=True):
             single = Dataset()
             single.add(changes[tag])
-            parts += [_encode(single), run]
+            parts += [_encode(single, self.encoding), run]
         return b"".join(parts)
 
 
-def _encode(ds: Dataset) -> bytes:
-    """Explicit VR Little Endian encoding of a data set's elements."""
+def _encode(ds: Dataset, encoding: list[str]) -> bytes:
+    """Explicit VR Little Endian encoding of a data set's elements, text in ``encoding``."""
     fp = DicomBytesIO()
     fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
+    write_dataset(fp, ds, parent_encoding=encoding)
     return fp.getvalue()
 
 
