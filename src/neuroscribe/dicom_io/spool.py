@@ -8,6 +8,7 @@ become path components.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import tempfile
@@ -90,16 +91,14 @@ class Spool:
                 series_dir.mkdir(exist_ok=True)
                 fsync_dir(self.spool_dir)
             self._known_series_dirs.add(series_instance_uid)
-        os.replace(partial, final)
+        partial.replace(final)
         fsync_dir(series_dir)
         return final
 
     def discard(self, partial: Path) -> None:
         """Remove a partial file that will not be stored."""
-        try:
+        with contextlib.suppress(FileNotFoundError):
             partial.unlink()
-        except FileNotFoundError:
-            pass
 
     def free_bytes(self) -> int:
         """Free space on the spool's filesystem, for unprivileged users."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import func, insert, select, update
 
 from neuroscribe.store.database import Database
 from neuroscribe.store.tables import SeriesState, ingest_failures, instances, series
@@ -53,8 +53,7 @@ class SeriesRow:
 
 # A new instance reopens a decided series (the late-instance rule; see docs/series.md): it goes
 # back to RECEIVING with revision + 1, so a decision made on the old revision can never be applied.
-_UPSERT_SERIES = text(
-    """
+_UPSERT_SERIES = """
     INSERT INTO series (series_instance_uid, study_instance_uid, state, revision,
                         first_received_at, last_received_at)
     VALUES (:series, :study, 'RECEIVING', 1, :now, :now)
@@ -71,11 +70,9 @@ _UPSERT_SERIES = text(
         decided_at = NULL,
         reason = NULL,
         reason_detail = NULL
-    """
-)
+"""
 
-_UPSERT_INSTANCE = text(
-    """
+_UPSERT_INSTANCE = """
     INSERT INTO instances (sop_instance_uid, series_instance_uid, study_instance_uid, sop_class_uid,
                            transfer_syntax_uid, path, size_bytes, received_at, calling_ae, header)
     VALUES (:sop, :series, :study, :sop_class, :ts, :path, :size, :now, :ae, :header)
@@ -89,8 +86,15 @@ _UPSERT_INSTANCE = text(
         received_at = excluded.received_at,
         calling_ae = excluded.calling_ae,
         header = excluded.header
-    """
-)
+"""
+
+# A re-sent instance only moves the quiet-period clock of a series that is still receiving.
+_TOUCH_SERIES = """
+    UPDATE series SET last_received_at = :now
+    WHERE series_instance_uid = :series AND state = 'RECEIVING' AND last_received_at < :now
+"""
+
+_INSTANCE_SERIES = "SELECT series_instance_uid FROM instances WHERE sop_instance_uid = :sop"
 
 
 class StateStore:
@@ -107,43 +111,25 @@ class StateStore:
         A re-sent instance replaces the row (and its file was replaced atomically) but does not
         reopen a series that was already completed: sending the same object twice changes nothing.
         """
-        with self.db.write() as conn:
-            known = conn.execute(
-                select(instances.c.series_instance_uid).where(
-                    instances.c.sop_instance_uid == rec.sop_instance_uid
-                )
-            ).first()
-            conn.execute(
-                _UPSERT_INSTANCE,
-                {
-                    "sop": rec.sop_instance_uid,
-                    "series": rec.series_instance_uid,
-                    "study": rec.study_instance_uid,
-                    "sop_class": rec.sop_class_uid,
-                    "ts": rec.transfer_syntax_uid,
-                    "path": str(rec.path),
-                    "size": rec.size_bytes,
-                    "now": rec.received_at,
-                    "ae": rec.calling_ae,
-                    "header": json.dumps(rec.header, separators=(",", ":")),
-                },
-            )
-            is_new = known is None or known.series_instance_uid != rec.series_instance_uid
-            if is_new:
-                conn.execute(
-                    _UPSERT_SERIES,
-                    {"series": rec.series_instance_uid, "study": rec.study_instance_uid,
-                     "now": rec.received_at},
-                )
-            else:
-                conn.execute(
-                    update(series)
-                    .where(series.c.series_instance_uid == rec.series_instance_uid)
-                    .where(series.c.state == SeriesState.RECEIVING)
-                    .where(series.c.last_received_at < rec.received_at)
-                    .values(last_received_at=rec.received_at)
-                )
-            return known is None
+        params = {
+            "sop": rec.sop_instance_uid,
+            "series": rec.series_instance_uid,
+            "study": rec.study_instance_uid,
+            "sop_class": rec.sop_class_uid,
+            "ts": rec.transfer_syntax_uid,
+            "path": str(rec.path),
+            "size": rec.size_bytes,
+            "now": rec.received_at,
+            "ae": rec.calling_ae,
+            "header": json.dumps(rec.header, separators=(",", ":")),
+        }
+        # Plain SQL through write_sql: this runs once per C-STORE, on the association thread.
+        with self.db.write_sql() as run:
+            known = run(_INSTANCE_SERIES, params)
+            run(_UPSERT_INSTANCE, params)
+            moved = bool(known) and known[0][0] != rec.series_instance_uid
+            run(_UPSERT_SERIES if not known or moved else _TOUCH_SERIES, params)
+            return not known
 
     def record_failure(
         self,
