@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
@@ -49,6 +50,7 @@ __all__ = [
     "ExtraAxialLesion",
     "HeadModel",
     "Lesion",
+    "MaskedLesion",
     "PeriventricularLesion",
     "Phantom",
     "RenderedSlice",
@@ -512,11 +514,10 @@ class _Slice:
 
 
 @dataclass(frozen=True)
-class Lesion:
+class Lesion(ABC):
     """Geometry and density of one finding in model coordinates (a base class).
 
     ``index`` is the finding's position in the study's findings list (the lesion map holds it).
-    Subclasses implement :meth:`box`, :meth:`mask` and :meth:`paint`.
     """
 
     index: int
@@ -528,36 +529,13 @@ class Lesion:
     #: Tissues the lesion may replace.
     replaces: ClassVar[tuple[Tissue, ...]] = _PARENCHYMA
 
+    @abstractmethod
     def box(self) -> tuple[np.ndarray, np.ndarray]:
         """Model-space bounding box (lo, hi)."""
-        raise NotImplementedError
 
-    def mask(self, head: HeadModel, x: Any, y: Any, z: Any) -> np.ndarray:
-        """Membership of model points (broadcasting arrays)."""
-        raise NotImplementedError
-
+    @abstractmethod
     def paint(self, head: HeadModel, sl: _Slice) -> None:
         """Paint the lesion on a slice after the anatomy pass."""
-        win = sl.window(*self.box(), deformed=self.deformed)
-        if win is None:
-            return
-        x, y, z = sl.coords(win, deformed=self.deformed)
-        rs, cs = win
-        mask = self.mask(head, x, y, z) & np.isin(sl.tissue[rs, cs], self.replaces)
-        self._apply(sl, win, mask)
-
-    def _apply(self, sl: _Slice, win: tuple[slice, slice], mask: np.ndarray) -> None:
-        raise NotImplementedError
-
-    def volume_ml(self, head: HeadModel, step_mm: float = 1.5) -> float:
-        """Volume (mL, patient scale) by counting grid points of :meth:`mask` in the box."""
-        lo, hi = self.box()
-        axes = [np.arange(lo[i] + step_mm / 2, hi[i], step_mm) for i in range(3)]
-        x = axes[0][:, None, None]
-        y = axes[1][None, :, None]
-        z = axes[2][None, None, :]
-        count = int(np.count_nonzero(self.mask(head, x, y, z)))
-        return count * step_mm**3 * head.scale**3 / 1000.0
 
     def influence_box(self) -> tuple[np.ndarray, np.ndarray] | None:
         """Box outside which :meth:`thickness` and :meth:`sulcal_factor` change nothing (None: no
@@ -574,7 +552,38 @@ class Lesion:
 
 
 @dataclass(frozen=True)
-class EllipsoidLesion(Lesion):
+class MaskedLesion(Lesion):
+    """A lesion whose extent is a membership test of model points (so it has a volume)."""
+
+    hu: float = 60.0
+
+    @abstractmethod
+    def mask(self, head: HeadModel, x: Any, y: Any, z: Any) -> np.ndarray:
+        """Membership of model points (broadcasting arrays)."""
+
+    def paint(self, head: HeadModel, sl: _Slice) -> None:
+        """Replace the replaceable tissue inside :meth:`mask` with the lesion's density."""
+        win = sl.window(*self.box(), deformed=self.deformed)
+        if win is None:
+            return
+        x, y, z = sl.coords(win, deformed=self.deformed)
+        rs, cs = win
+        mask = self.mask(head, x, y, z) & np.isin(sl.tissue[rs, cs], self.replaces)
+        sl.paint(win, mask, self.hu, Tissue.LESION, self.index)
+
+    def volume_ml(self, head: HeadModel, step_mm: float = 1.5) -> float:
+        """Volume (mL, patient scale) by counting grid points of :meth:`mask` in the box."""
+        lo, hi = self.box()
+        axes = [np.arange(lo[i] + step_mm / 2, hi[i], step_mm) for i in range(3)]
+        x = axes[0][:, None, None]
+        y = axes[1][None, :, None]
+        z = axes[2][None, None, :]
+        count = int(np.count_nonzero(self.mask(head, x, y, z)))
+        return count * step_mm**3 * head.scale**3 / 1000.0
+
+
+@dataclass(frozen=True)
+class EllipsoidLesion(MaskedLesion):
     """An ellipsoid: hemorrhage (with an oedema rim), lacune or calcification."""
 
     centre: Vec3 = (0.0, 0.0, 0.0)
@@ -651,7 +660,7 @@ class EllipsoidLesion(Lesion):
 
 
 @dataclass(frozen=True)
-class ExtraAxialLesion(Lesion):
+class ExtraAxialLesion(MaskedLesion):
     """A collection between inner table and brain: subdural crescent or epidural lens.
 
     Thickness at angle theta from the centre direction ``u0`` is
@@ -690,9 +699,6 @@ class ExtraAxialLesion(Lesion):
         t = self.thickness(head, x, y, z)
         return (depth >= 0.0) & (depth < t) & ~head.infratentorial(x, y, z)
 
-    def _apply(self, sl: _Slice, win: tuple[slice, slice], mask: np.ndarray) -> None:
-        sl.paint(win, mask, self.hu, Tissue.LESION, self.index)
-
     def sulcal_factor(self, head: HeadModel, x: Any, y: Any, z: Any) -> np.ndarray | None:
         """Sulci under and around the collection are effaced (in proportion to its thickness)."""
         if self.thickness_mm < 4.0:
@@ -704,7 +710,7 @@ class ExtraAxialLesion(Lesion):
 
 
 @dataclass(frozen=True)
-class TerritoryLesion(Lesion):
+class TerritoryLesion(MaskedLesion):
     """A territorial infarct: a cone of cortex and white matter from the surface, ``depth_mm`` deep.
 
     Acute: density drops (grey matter to about white matter: loss of grey-white differentiation)
@@ -736,9 +742,6 @@ class TerritoryLesion(Lesion):
         depth = -head.cavity_distance(x, y, z)
         return ((cos > math.cos(self.max_angle)) & (depth > 0.0) & (depth < self.depth_mm)
                 & (x * self.side_sign > 1.5) & ~head.infratentorial(x, y, z))
-
-    def _apply(self, sl: _Slice, win: tuple[slice, slice], mask: np.ndarray) -> None:
-        sl.paint(win, mask, self.hu, Tissue.LESION, self.index)
 
     def influence_box(self) -> tuple[np.ndarray, np.ndarray]:
         """The territory's surface and a margin (see :meth:`sulcal_factor`)."""
@@ -772,10 +775,6 @@ class PeriventricularLesion(Lesion):
         """The supratentorial white matter."""
         return np.array([-70.0, -90.0, -8.0]), np.array([70.0, 90.0, 80.0])
 
-    def mask(self, head: HeadModel, x: Any, y: Any, z: Any) -> np.ndarray:
-        """Not used: the band needs the rendered ventricle distance (see :meth:`paint`)."""
-        raise NotImplementedError("periventricular bands are painted from the ventricle distance")
-
     def paint(self, head: HeadModel, sl: _Slice) -> None:
         """White matter within the (modulated) band width of the ventricle surface."""
         win = sl.window(*self.box(), deformed=True)
@@ -808,10 +807,6 @@ class SubarachnoidLesion(Lesion):
     def box(self) -> tuple[np.ndarray, np.ndarray]:
         """The whole cranial cavity."""
         return _HEAD_LO, _HEAD_HI
-
-    def mask(self, head: HeadModel, x: Any, y: Any, z: Any) -> np.ndarray:
-        """Not used: the region is defined on rendered CSF labels (see :meth:`paint`)."""
-        raise NotImplementedError("subarachnoid blood is painted on rendered CSF labels")
 
     def paint(self, head: HeadModel, sl: _Slice) -> None:
         """Replace the CSF of the region's subarachnoid spaces with blood."""
