@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -15,6 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import structlog
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom import _config as pynetdicom_config
@@ -115,6 +118,26 @@ def send_datasets(port: int, datasets: list[Dataset], calling_ae: str = "PYSCU")
         return statuses
     finally:
         assoc.release()
+
+
+@contextlib.contextmanager
+def logging_restored() -> Iterator[None]:
+    """``cli.main()`` configures the process's logging; put it back as it was afterwards."""
+    root_logger = logging.getLogger()
+    handlers, level = list(root_logger.handlers), root_logger.level
+    try:
+        yield
+    finally:
+        for handler in list(root_logger.handlers):
+            if handler not in handlers:
+                root_logger.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root_logger.handlers:
+                root_logger.addHandler(handler)
+        root_logger.setLevel(level)
+        logging.captureWarnings(False)
+        structlog.reset_defaults()
 
 
 @dataclass

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 from sqlalchemy import text
 
 from neuroscribe import __version__
 from neuroscribe.cli import main
 from neuroscribe.store import Database
+from tests.conftest import logging_restored
 
 
 def _free_port() -> int:
@@ -33,20 +32,8 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
     monkeypatch.setenv("NEUROSCRIBE_STORAGE__ROOT", str(root))
     monkeypatch.setenv("NEUROSCRIBE_DICOM__PORT", str(_free_port()))
     monkeypatch.setenv("NEUROSCRIBE_STORAGE__MIN_FREE_BYTES", "0")
-    root_logger = logging.getLogger()
-    handlers, level = list(root_logger.handlers), root_logger.level
-    yield root
-    # main() configures logging for the process; undo it so later tests see the defaults.
-    for handler in list(root_logger.handlers):
-        if handler not in handlers:
-            root_logger.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root_logger.handlers:
-            root_logger.addHandler(handler)
-    root_logger.setLevel(level)
-    logging.captureWarnings(False)
-    structlog.reset_defaults()
+    with logging_restored():
+        yield root
 
 
 def _lines(out: str) -> dict[str, str]:

@@ -8,42 +8,23 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from neuroscribe.cli import main
 from neuroscribe.training.metrics import captioning
 from neuroscribe.training.metrics.forte import CATEGORIES, Pair, evaluate_forte, load_pairs
 from neuroscribe.training.metrics.html_report import render_html, worst_rows, write_html
+from tests.conftest import logging_restored
 
 EXAMPLE_PAIRS = Path(__file__).parent / "data" / "forte" / "example_pairs.jsonl"
 EXAMPLE_IDS = [pair.id for pair in load_pairs(EXAMPLE_PAIRS)]
 
 
-@contextlib.contextmanager
-def _logging_restored() -> Iterator[None]:
-    """main() configures logging for the process; put it back as it was afterwards."""
-    root_logger = logging.getLogger()
-    handlers, level = list(root_logger.handlers), root_logger.level
-    try:
-        yield
-    finally:
-        for handler in list(root_logger.handlers):
-            if handler not in handlers:
-                root_logger.removeHandler(handler)
-                handler.close()
-        for handler in handlers:
-            if handler not in root_logger.handlers:
-                root_logger.addHandler(handler)
-        root_logger.setLevel(level)
-        logging.captureWarnings(False)
-        structlog.reset_defaults()
 
 
 def _clean_environment(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
@@ -57,7 +38,7 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Settings from a tmp storage root; logging as it was afterwards."""
     _clean_environment(monkeypatch, tmp_path / "root")
-    with _logging_restored():
+    with logging_restored():
         yield
 
 
@@ -81,7 +62,7 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """
     html = tmp_path_factory.mktemp("html") / "report.html"
     out, err = io.StringIO(), io.StringIO()
-    with pytest.MonkeyPatch.context() as monkeypatch, _logging_restored():
+    with pytest.MonkeyPatch.context() as monkeypatch, logging_restored():
         _clean_environment(monkeypatch, tmp_path_factory.mktemp("root"))
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main(["evaluate", "--pairs", str(EXAMPLE_PAIRS), "--rows", "--html", str(html)])

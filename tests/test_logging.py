@@ -5,13 +5,14 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
 
 from neuroscribe.dicom_io.writer import CtSeriesSpec, ct_slice_dataset, write_ct_series
 from neuroscribe.log import configure_logging, get_logger, hash_uid
-from tests.conftest import ServerFactory, decided, send_datasets, storescu
+from tests.conftest import ServerFactory, decided, logging_restored, send_datasets, storescu
 
 PATIENT_NAME = "SENTINELNAME^Ozymandias"
 PATIENT_ID = "PID-SENTINEL-4711"
@@ -84,10 +85,7 @@ def test_pynetdicom_identifier_logging_is_off() -> None:
 
 
 @pytest.fixture(autouse=True)
-def _restore_logging():  # type: ignore[no-untyped-def]
-    """Leave the root logger as pytest expects it."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+def _restore_logging() -> Iterator[None]:
+    """Leave the process's logging as pytest expects it."""
+    with logging_restored():
+        yield

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from collections.abc import Iterator
@@ -12,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import structlog
 
 from neuroscribe.cli import main
 from neuroscribe.dicom_io.volume import Volume, build_volume
@@ -28,6 +26,7 @@ from neuroscribe.training.synth import (
     report_template,
     write_study,
 )
+from tests.conftest import logging_restored
 
 #: CSF-like voxels: below this (HU) and above -10 (white matter is ~27 HU).
 CSF_BELOW_HU = 18.0
@@ -359,19 +358,8 @@ def _isolated_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[N
         if name.startswith("NEUROSCRIBE_"):
             monkeypatch.delenv(name)
     monkeypatch.setenv("NEUROSCRIBE_STORAGE__ROOT", str(tmp_path / "root"))
-    root_logger = logging.getLogger()
-    handlers, level = list(root_logger.handlers), root_logger.level
-    yield
-    for handler in list(root_logger.handlers):
-        if handler not in handlers:
-            root_logger.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root_logger.handlers:
-            root_logger.addHandler(handler)
-    root_logger.setLevel(level)
-    logging.captureWarnings(False)
-    structlog.reset_defaults()
+    with logging_restored():
+        yield
 
 
 @pytest.mark.usefixtures("_isolated_cli")
