@@ -282,3 +282,19 @@ class TestBadInput:
         assert result is None
         assert "default-jre-headless" in err
         assert "--no-captioning" in err
+
+
+def test_missing_eval_extra_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without pycocoevalcap the command exits 1 naming the extra to install, not with a traceback."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "pycocoevalcap" else real_find_spec(name, *a))
+    with logging_restored():
+        code = main(["evaluate", "--pairs", str(EXAMPLE_PAIRS)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "pycocoevalcap" in err and "'eval'" in err and "--no-captioning" in err

@@ -9,6 +9,7 @@ installed); 2 bad input or output path (the message names the file and line).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -59,6 +60,13 @@ def run(_settings: Settings, args: argparse.Namespace) -> int:
     from neuroscribe.training.metrics.html_report import html_target, write_html
     from neuroscribe.training.metrics.sentences import SentencePairingError
 
+    missing = [f"{module} (for {purpose})" for module, purpose, wanted in (
+        ("pycocoevalcap", "the captioning metrics; or pass --no-captioning", not args.no_captioning),
+        ("matplotlib", "--html", args.html is not None),
+    ) if wanted and importlib.util.find_spec(module) is None]
+    if missing:
+        return _fail(EXIT_TOOL_FAILED, f"not installed: {', '.join(missing)}; install the extra "
+                     "'eval' (pip install -e '.[eval]'; ./run test does)")
     try:
         pairs = load_pairs(args.pairs)
     except PairsFileError as exc:
