@@ -169,3 +169,29 @@ def test_associations_end_promptly(tmp_path: Path) -> None:
         assert 0.8 < _wait_idle(service, 4) < 2.0
     finally:
         service.stop()
+
+
+def test_associations_leave_no_open_descriptors(tmp_path: Path) -> None:
+    """Each association's sockets (and the wake-up pair) are closed when it ends, not at GC."""
+    import gc
+    import subprocess
+
+    service, port = _server(tmp_path)
+    try:
+        def open_fds() -> int:
+            return len(list(Path("/proc/self/fd").iterdir()))
+
+        subprocess.run(["echoscu", "127.0.0.1", str(port)], check=True, capture_output=True)
+        _wait_idle(service, 2)
+        gc.disable()  # descriptors must be closed by the code, not by the garbage collector
+        try:
+            before = open_fds()
+            for _ in range(5):
+                subprocess.run(["echoscu", "127.0.0.1", str(port)], check=True, capture_output=True)
+            _wait_idle(service, 2)
+            time.sleep(0.3)  # the DUL threads finish just after the association threads
+            assert open_fds() == before
+        finally:
+            gc.enable()
+    finally:
+        service.stop()

@@ -39,6 +39,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+from pynetdicom.utils import make_target
 
 from neuroscribe.config import DicomSettings
 from neuroscribe.dicom_io.constants import (
@@ -152,6 +153,10 @@ class _BulkReadSocket(AssociationSocket):
 
     def close(self) -> None:
         super().close()
+        self.close_wakeup()
+
+    def close_wakeup(self) -> None:
+        """Close the wake-up pair (idempotent); the DUL thread does it when it ends."""
         for end in (self._wake_reader, self._wake_writer):
             end.close()
 
@@ -168,6 +173,14 @@ class _WakingDUL(DULServiceProvider):
     @_run_loop_delay.setter
     def _run_loop_delay(self, _value: float) -> None:
         pass  # pynetdicom sets its 1 ms default in __init__ (before the class swap)
+
+    def run_reactor(self) -> None:
+        """pynetdicom's loop; on the way out (release, abort, timeout) free the wake-up pair."""
+        try:
+            super().run_reactor()
+        finally:
+            if isinstance(self.socket, _BulkReadSocket):
+                self.socket.close_wakeup()
 
     def send_pdu(self, primitive: Any) -> None:
         super().send_pdu(primitive)
@@ -332,6 +345,9 @@ class _RequestHandler(RequestHandler):
         assoc.dul.socket.__class__ = _BulkReadSocket
         assoc.dul.socket.setup_wakeup()
         assoc.dul.__class__ = _WakingDUL
+        # The DUL thread's target was bound to pynetdicom's run_reactor in __init__; rebind it so
+        # _WakingDUL.run_reactor runs (and frees the wake-up pair when the association ends).
+        assoc.dul._target = make_target(assoc.dul.run_reactor)
         assoc.dimse.__class__ = _StoreDIMSE
         assoc.dimse.setup_activity()
         return assoc
