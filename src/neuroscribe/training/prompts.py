@@ -304,8 +304,8 @@ class PromptConfig:
                 raise PromptError(f"PromptConfig.n_examples: only the in-context style uses n_examples, "
                                   f"not {style.value!r}")
         if style is InstructionStyle.TEMPLATE:
-            set_field(self, "template", _text("template", default_template() if self.template is None
-                                         else self.template))
+            template = default_template() if self.template is None else self.template
+            set_field(self, "template", _text("template", template))
         elif self.template is not None:
             raise PromptError(f"PromptConfig.template: only the template style uses a template, not "
                               f"{style.value!r}")
