@@ -30,6 +30,7 @@ from neuroscribe.training.dataset import (
     DatasetError,
     ManifestError,
     ModelGrid,
+    ModelGridError,
     Split,
     SplitSpec,
     StudyEntry,
@@ -120,8 +121,8 @@ class TestSeriesToInput:
     @pytest.mark.parametrize("kwargs", [{"slices": 0}, {"height": -1}, {"width": 2.5},
                                         {"windows": ()}, {"windows": ("brain",)}])
     def test_bad_grid_is_rejected(self, kwargs: dict[str, object]) -> None:
-        """A grid with a non-positive size or no real windows raises DatasetError."""
-        with pytest.raises(DatasetError, match="ModelGrid"):
+        """A grid with a non-positive size or no real windows raises ModelGridError."""
+        with pytest.raises(ModelGridError, match="ModelGrid"):
             ModelGrid(**kwargs)  # type: ignore[arg-type]
 
 

@@ -5,13 +5,13 @@ The pipeline, top to bottom:
 1. :func:`load_manifest` reads the studies: a ``neuroscribe synth`` output folder (its
    ``dataset.jsonl``), or a JSONL or CSV manifest with ``study_id``, ``patient_id``,
    ``series_path`` and ``report``. Every problem is reported with its file and line.
-2. :func:`series_to_input` turns one series folder into the model input, float32
+2. :func:`~neuroscribe.dicom_io.model_input.series_to_input` (in ``dicom_io``, so the service can
+   use it without the training package) turns one series folder into the model input, float32
    ``(slices, channels, height, width)`` in [0, 1], through :mod:`neuroscribe.dicom_io.volume`:
    :func:`~neuroscribe.dicom_io.volume.build_volume` (resampled in-plane while decoding) ->
    :func:`~neuroscribe.dicom_io.volume.resample` along z ->
    :func:`~neuroscribe.dicom_io.volume.windowed_channels`. The service calls the same function,
-   so training and serving see the same inputs; this module imports no torch and nothing else
-   from ``training``.
+   so training and serving see the same inputs; this module imports no torch.
 3. :func:`build_cache` writes one ``.npy`` per study, keyed by a content hash of the series files
    and the :class:`ModelGrid`, so a rebuild only does new or changed studies. Series that fail the
    volume checks are recorded as skipped with their reason. Each patient goes to one split
@@ -41,14 +41,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from neuroscribe.dicom_io.volume import (
-    MODEL_WINDOWS,
-    VolumeCheckError,
-    Window,
-    build_volume,
-    resample,
-    windowed_channels,
+from neuroscribe.dicom_io.model_input import (
+    DEFAULT_GRID,
+    ModelGrid,
+    ModelGridError,
+    series_files,
+    series_to_input,
 )
+from neuroscribe.dicom_io.volume import VolumeCheckError
 from neuroscribe.errors import NeuroScribeError
 from neuroscribe.log import get_logger, hash_uid
 
@@ -65,6 +65,7 @@ __all__ = [
     "DatasetError",
     "ManifestError",
     "ModelGrid",
+    "ModelGridError",
     "Sample",
     "SkippedStudy",
     "Split",
@@ -105,7 +106,6 @@ CSV_SUFFIXES = frozenset({".csv"})
 MANIFEST_KEYS = ("study_id", "patient_id", "series_path", "report")
 STUDY_ID_ALIAS = "study_instance_uid"
 #: Files in a series folder that are never slices.
-NOT_SLICES = frozenset({"DICOMDIR"})
 #: At most this many manifest problems are listed in one ManifestError.
 MAX_LISTED_PROBLEMS = 20
 
@@ -119,112 +119,6 @@ class ManifestError(DatasetError):
 
 
 # --- the model input ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelGrid:
-    """The model's input spec: ``(slices, len(windows), height, width)`` float32 in [0, 1].
-
-    Each series is resampled to ``height x width`` in-plane and ``slices`` along the slice normal,
-    covering the whole acquired extent (so the voxel size follows the field of view and the
-    coverage), then windowed into one channel per window. The model checkpoint and the ONNX
-    bundle record it through :meth:`to_dict`.
-    """
-
-    slices: int = 24  # about the synth "small" slice count and BrainGPT's 24-slice stacks
-    height: int = 128
-    width: int = 128
-    windows: tuple[Window, ...] = MODEL_WINDOWS  # brain, subdural, bone
-
-    def __post_init__(self) -> None:
-        """Check sizes and windows so that a grid is always usable."""
-        for name in ("slices", "height", "width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DatasetError(f"ModelGrid.{name} must be a positive int, got {value!r}")
-        windows = tuple(self.windows)
-        if not windows or not all(isinstance(w, Window) for w in windows):
-            raise DatasetError(f"ModelGrid.windows must be a non-empty sequence of Window, "
-                               f"got {self.windows!r}")
-        object.__setattr__(self, "windows", windows)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        """(slices, channels, height, width) of one model input."""
-        return (self.slices, len(self.windows), self.height, self.width)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready description (for the index, the checkpoint and the bundle manifest)."""
-        return {
-            "slices": self.slices,
-            "height": self.height,
-            "width": self.width,
-            "windows": [{"center": w.center, "width": w.width} for w in self.windows],
-            "layout": "slices,channels,height,width",
-            "range": [0.0, 1.0],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> ModelGrid:
-        """The grid :meth:`to_dict` described."""
-        try:
-            windows = tuple(Window(float(w["center"]), float(w["width"])) for w in data["windows"])
-            return cls(int(data["slices"]), int(data["height"]), int(data["width"]), windows)
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DatasetError(f"not a ModelGrid description: {data!r}") from exc
-
-
-def series_files(directory: Path | str) -> list[Path]:
-    """The candidate slice files of a series folder: its regular files, not hidden, no DICOMDIR.
-
-    Sub-folders are not searched: one folder is one series. Sorted by name (the volume builder
-    sorts slices by position anyway).
-    """
-    directory = Path(directory)
-    return sorted(p for p in directory.iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.name not in NOT_SLICES)
-
-
-def _as_paths(paths_or_dir: Path | str | Sequence[Path | str]) -> list[Path]:
-    if isinstance(paths_or_dir, str | os.PathLike):
-        path = Path(paths_or_dir)
-        return series_files(path) if path.is_dir() else [path]
-    return [Path(p) for p in paths_or_dir]
-
-
-def series_to_input(
-    paths_or_dir: Path | str | Sequence[Path | str], grid: ModelGrid = ModelGrid()
-) -> np.ndarray:
-    """Turn one CT series into the model input, exactly as the service does.
-
-    ``build_volume(paths, in_plane_shape=(height, width))`` (checks, sorting, tilt correction,
-    in-plane resampling while decoding, so memory stays near the output size), then
-    ``resample(shape=(slices, height, width))`` along z, then ``windowed_channels`` with the
-    grid's windows.
-
-    Parameters
-    ----------
-    paths_or_dir
-        A series folder (its :func:`series_files`) or the series' files in any order.
-    grid
-        The model input spec.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 ``grid.shape``, values in [0, 1].
-
-    Raises
-    ------
-    VolumeCheckError
-        The series failed a volume check; ``reason`` says which.
-    """
-    paths = _as_paths(paths_or_dir)
-    volume = build_volume(paths, in_plane_shape=(grid.height, grid.width))
-    volume = resample(volume, shape=(grid.slices, grid.height, grid.width))
-    out = windowed_channels(volume.hu, grid.windows)  # (slices, channels, height, width)
-    assert out.shape == grid.shape, f"model input {out.shape} != grid {grid.shape}"
-    return out
 
 
 # --- manifests ---------------------------------------------------------------------------------
@@ -728,7 +622,7 @@ def _run(function: Any, jobs: list[Any], workers: int) -> list[Any]:
 def build_cache(
     entries: Sequence[StudyEntry],
     cache_dir: Path | str,
-    grid: ModelGrid = ModelGrid(),
+    grid: ModelGrid = DEFAULT_GRID,
     *,
     split_spec: SplitSpec = SplitSpec(),
     workers: int = 1,
