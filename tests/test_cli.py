@@ -13,13 +13,7 @@ from sqlalchemy import text
 from neuroscribe import __version__
 from neuroscribe.cli import main
 from neuroscribe.store import Database
-from tests.conftest import logging_restored
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.conftest import free_port, logging_restored
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +24,7 @@ def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]
             monkeypatch.delenv(name)
     root = tmp_path / "root"
     monkeypatch.setenv("NEUROSCRIBE_STORAGE__ROOT", str(root))
-    monkeypatch.setenv("NEUROSCRIBE_DICOM__PORT", str(_free_port()))
+    monkeypatch.setenv("NEUROSCRIBE_DICOM__PORT", str(free_port()))
     monkeypatch.setenv("NEUROSCRIBE_STORAGE__MIN_FREE_BYTES", "0")
     with logging_restored():
         yield root

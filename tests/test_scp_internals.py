@@ -27,6 +27,7 @@ from neuroscribe.dicom_io import inspect as inspect_module
 from neuroscribe.dicom_io import scp
 from neuroscribe.dicom_io.inspect import Refusal
 from neuroscribe.dicom_io.writer import CtSeriesSpec, write_ct_series
+from tests.conftest import free_port
 
 
 def _uids(rng: random.Random, n: int) -> list[str]:
@@ -132,9 +133,7 @@ def _server(tmp_path: Path, **dicom: object):
     from neuroscribe.config import load_settings
     from neuroscribe.daemon.service import Service
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     settings = load_settings(None, storage={"root": str(tmp_path), "min_free_bytes": 0},
                              dicom={"port": port, "require_called_ae": False, **dicom})
     service = Service(settings)
