@@ -297,3 +297,24 @@ def test_storage_root_from_environment(tmp_path: Path, monkeypatch: pytest.Monke
     storage = load_settings().storage
     assert storage.root == tmp_path
     assert storage.spool_dir == tmp_path / "spool"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_example_config_loads() -> None:
+    """systemd/neuroscribe.toml, the annotated example for hospital IT, is a valid configuration."""
+    settings = load_settings(REPO / "systemd" / "neuroscribe.toml")
+    assert settings.dicom.allowed_calling_aes == ("CT_NEURO1", "CT_ER2", "PACS")
+    assert settings.storage.min_free_bytes == 10 * 1024**3
+
+
+def test_every_setting_is_documented() -> None:
+    """docs/configuration.md names every key of every section, so the reference cannot drift."""
+    from neuroscribe.config import Settings
+
+    text = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
+    for section, field in Settings.model_fields.items():
+        assert f"`[{section}]`" in text, section
+        for key in field.annotation.model_fields:  # type: ignore[union-attr]
+            assert f"| `{key}` |" in text, f"{section}.{key}"
