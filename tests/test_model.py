@@ -1,0 +1,230 @@
+"""Tests for the CVIT report model (training/model.py) and its BPE tokenizer (training/tokenizer.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import torch.nn.functional as F  # noqa: E402, N812
+
+from neuroscribe.training.model import CvitConfig, CvitModel, load_checkpoint, save_checkpoint  # noqa: E402
+from neuroscribe.training.prompts import InstructionStyle, PromptConfig, render_prompt  # noqa: E402
+from neuroscribe.training.tokenizer import (  # noqa: E402
+    IGNORE_INDEX,
+    SPECIAL_TOKENS,
+    encode_example,
+    encode_prompt,
+    load_tokenizer,
+    pad_batch,
+    save_tokenizer,
+    train_tokenizer,
+)
+
+REPORTS = [
+    "No acute intracranial hemorrhage. Ventricles are normal in size.",
+    "Acute left subdural hematoma measuring 8 mm with 4 mm midline shift.",
+]
+
+
+@pytest.fixture(scope="module")
+def prompt() -> str:
+    """The default plain prompt text, placeholder line included."""
+    return render_prompt(PromptConfig(style=InstructionStyle.PLAIN))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(prompt):
+    """A small BPE tokenizer trained on the toy reports and the prompt."""
+    return train_tokenizer([*REPORTS, prompt] * 3, vocab_size=400)
+
+
+def tiny_config(tokenizer=None, **kwargs) -> CvitConfig:
+    """Test-sized config: 4 slices x 3 x 32 x 32, K=4, scratch GPT-2 with 2 layers of width 32."""
+    base = dict(slices=4, channels=3, height=32, width=32, vision_width=8, vision_depth=3, d_vision=32,
+                max_slices=8, num_latents=4, resampler_layers=1, resampler_heads=2,
+                vocab_size=len(tokenizer) if tokenizer is not None else 300,
+                n_layer=2, n_embd=32, n_head=2, n_positions=160)
+    base.update(kwargs)
+    return CvitConfig(**base)
+
+
+def toy_images() -> torch.Tensor:
+    """Two clearly different studies (2, 4, 3, 32, 32): a left-right ramp and a dark top-bottom ramp."""
+    ramp = torch.linspace(0, 1, 32)
+    a = ramp.view(1, 1, 1, 32).expand(4, 3, 32, 32)
+    b = 0.3 * ramp.view(1, 1, 32, 1).expand(4, 3, 32, 32)
+    return torch.stack([a, b]).contiguous()
+
+
+def batch(tokenizer, prompt, reports):
+    """Right-padded ``(input_ids, attention_mask, labels)`` tensors for ``reports`` under ``prompt``."""
+    rows = [encode_example(tokenizer, prompt, r) for r in reports]
+    ids, mask = pad_batch([r[0] for r in rows], tokenizer.pad_token_id)
+    labels, _ = pad_batch([r[1] for r in rows], IGNORE_INDEX)
+    return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels)
+
+
+def test_tokenizer_round_trip_and_deterministic(tmp_path, prompt, tokenizer):
+    """Text survives encode/decode, training twice gives the same file, and save/load keeps ids."""
+    text = "Hypodensity 12 × 8 mm at 45° — unchanged.\n" + REPORTS[1]
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text
+    again = train_tokenizer([*REPORTS, prompt] * 3, vocab_size=400)
+    assert again.backend_tokenizer.to_str() == tokenizer.backend_tokenizer.to_str()
+    assert [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
+    path = save_tokenizer(tokenizer, tmp_path)
+    assert path.name == "tokenizer.json"
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.encode(text, add_special_tokens=False) == ids
+    assert (loaded.pad_token_id, loaded.bos_token_id, loaded.eos_token_id) == (0, 1, 2)
+
+
+def test_encode_example_masks_prompt(tokenizer, prompt):
+    """The placeholder line is dropped, the prompt is labelled -100 and the report ends with eos."""
+    ids, labels = encode_example(tokenizer, prompt, REPORTS[0])
+    n_prompt = len(encode_prompt(tokenizer, prompt))
+    assert ids[0] == tokenizer.bos_token_id
+    assert "<image>" not in tokenizer.decode(ids)
+    assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(ids[n_prompt:-1]) == REPORTS[0]
+    with pytest.raises(ValueError, match="<image>"):
+        encode_example(tokenizer, "no placeholder\n", REPORTS[0])
+
+
+def test_shapes_and_loss_over_report_tokens_only(tokenizer, prompt):
+    """encode_image gives (B, K, d_lm); the loss equals a manual cross-entropy over report tokens."""
+    torch.manual_seed(0)
+    model = CvitModel(tiny_config(tokenizer))
+    images = toy_images()
+    visual = model.encode_image(images)
+    assert visual.shape == (2, 4, 32)
+    ids, mask, labels = batch(tokenizer, prompt, REPORTS)
+    out = model(images, ids, mask, labels)
+    B, T = ids.shape  # noqa: N806
+    assert out.logits.shape == (B, 4 + T, len(tokenizer))
+    # manual: logit at visual offset K + t - 1 predicts token t, for report tokens only
+    terms = []
+    for b in range(B):
+        for t in range(T):
+            if labels[b, t] != IGNORE_INDEX:
+                terms.append(F.cross_entropy(out.logits[b, 4 + t - 1][None], labels[b, t][None]))
+    n_report = int((labels != IGNORE_INDEX).sum())
+    assert len(terms) == n_report > 0
+    assert torch.allclose(out.loss, torch.stack(terms).mean(), atol=1e-5)
+    assert n_report < int(mask.sum())  # prompt tokens really were excluded
+    with pytest.raises(AssertionError, match="model grid"):
+        model.encode_image(torch.zeros(1, 5, 3, 32, 32))
+
+
+
+def test_overfit_two_studies_follows_the_image(tokenizer, prompt):
+    """After training, each study's image yields its own report; swapping images swaps them."""
+    torch.manual_seed(0)
+    model = CvitModel(tiny_config(tokenizer, dropout=0.0))
+    images = toy_images()
+    ids, mask, labels = batch(tokenizer, prompt, REPORTS)
+    # lr 1e-2 (or dropout) let the LM fit both reports before the image path learned to separate
+    # them: the visual tokens then collapsed and greedy output ignored the image.
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for _ in range(150):
+        loss = model(images, ids, mask, labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    p = torch.tensor([encode_prompt(tokenizer, prompt)] * 2)
+    eos = tokenizer.eos_token_id
+
+    def texts(imgs):
+        out = model.generate(imgs, p, max_new_tokens=40, eos_id=eos)
+        return [tokenizer.decode([t for t in row.tolist() if t != eos]) for row in out]
+
+    assert texts(images) == REPORTS
+    assert texts(images.flip(0)) == REPORTS[::-1]
+
+
+def test_generate_kv_cache_matches_full_recompute(tokenizer, prompt):
+    """Greedy decoding with the KV cache picks the same tokens as recomputing the whole sequence."""
+    torch.manual_seed(1)
+    model = CvitModel(tiny_config(tokenizer)).eval()
+    images = toy_images()
+    p = torch.tensor([encode_prompt(tokenizer, prompt)] * 2)
+    cached = model.generate(images, p, max_new_tokens=8)
+    seq = p
+    with torch.no_grad():
+        for _ in range(8):
+            nxt = model(images, seq).logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], dim=1)
+    assert torch.equal(cached, seq[:, p.shape[1]:])
+
+
+def test_freeze_options_keep_frozen_parameters(tokenizer, prompt):
+    """With freeze_lm and freeze_vision, a step changes only the resampler and projector."""
+    torch.manual_seed(0)
+    model = CvitModel(tiny_config(tokenizer, freeze_lm=True, freeze_vision=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    ids, mask, labels = batch(tokenizer, prompt, REPORTS)
+    model(toy_images(), ids, mask, labels).loss.backward()
+    opt.step()
+    after = model.state_dict()
+    frozen = [k for k in before if k.startswith(("lm.", "slice_encoder.", "slice_pos."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    moved = [k for k in before if k.startswith(("resampler.", "projector."))]
+    assert any(not torch.equal(before[k], after[k]) for k in moved)
+    assert all(not p.requires_grad for p in model.lm.parameters())
+
+
+def test_checkpoint_round_trip_and_atomic_write(tmp_path, tokenizer, prompt, monkeypatch):
+    """A reloaded checkpoint gives identical logits; a failed save leaves the old file and no temp."""
+    torch.manual_seed(0)
+    model = CvitModel(tiny_config(tokenizer, lm_arch="llama")).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids, mask, labels = batch(tokenizer, prompt, REPORTS)
+    model(toy_images(), ids, mask, labels).loss.backward()
+    opt.step()
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model, opt, step=7, config={"lr": 1e-3}, extra={"note": "x"})
+    loaded, ckpt = load_checkpoint(path)
+    assert (ckpt["step"], ckpt["config"], ckpt["extra"]) == (7, {"lr": 1e-3}, {"note": "x"})
+    assert ckpt["optimizer"]["state"]
+    with torch.no_grad():
+        assert torch.equal(model(toy_images(), ids, mask).logits, loaded(toy_images(), ids, mask).logits)
+    good = path.read_bytes()
+
+    def broken_save(obj, fh):
+        fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(path, model, opt, step=8)
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tmp_path / "new.pt", model)
+    assert not (tmp_path / "new.pt").exists()
+
+
+def test_pretrained_lm_from_local_directory(tmp_path, tokenizer, prompt):
+    """lm='pretrained' loads a tiny local GPT-2 with local_files_only and keeps its weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=160, n_embd=48, n_layer=1,
+                                    n_head=2))
+    hf.save_pretrained(tmp_path / "lm")
+    model = CvitModel(tiny_config(lm="pretrained", lm_path=str(tmp_path / "lm"), freeze_lm=True))
+    assert model.d_lm == 48
+    assert torch.equal(model.lm.transformer.wte.weight, hf.transformer.wte.weight)
+    ids, mask, labels = batch(tokenizer, prompt, REPORTS)
+    out = model(toy_images(), ids, mask, labels)
+    assert out.logits.shape == (2, 4 + ids.shape[1], len(tokenizer))
+    assert torch.isfinite(out.loss)
+    with pytest.raises(FileNotFoundError, match="lm_path"):
+        CvitModel(tiny_config(lm="pretrained", lm_path=str(tmp_path / "missing")))
