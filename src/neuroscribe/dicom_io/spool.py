@@ -16,30 +16,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from neuroscribe.durable import fsync_dir, fsync_file
 from neuroscribe.log import get_logger
 
 LOG = get_logger(__name__)
 
 INSTANCE_SUFFIX = ".dcm"
 PARTIAL_SUFFIX = ".part"
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (a rename, a new file) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a file's data and metadata to disk (works while another handle has it open)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Spool:

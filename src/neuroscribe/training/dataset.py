@@ -29,9 +29,7 @@ import csv
 import hashlib
 import json
 import math
-import os
 import time
-import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +47,7 @@ from neuroscribe.dicom_io.model_input import (
     series_to_input,
 )
 from neuroscribe.dicom_io.volume import VolumeCheckError
+from neuroscribe.durable import atomic_file, fsync_dir
 from neuroscribe.errors import NeuroScribeError
 from neuroscribe.log import get_logger, hash_uid
 
@@ -561,37 +560,15 @@ def _build_sample(job: tuple[tuple[str, ...], ModelGrid, str]) -> tuple[str, str
 
 
 def _save_atomic(path: Path, array: np.ndarray) -> None:
-    """np.save to a unique temporary name in the same folder, fsync, then os.replace."""
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("wb") as fh:
-            np.save(fh, array, allow_pickle=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """np.save, durably (see :func:`neuroscribe.durable.atomic_file`)."""
+    with atomic_file(path) as fh:
+        np.save(fh, array, allow_pickle=False)
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8", newline="\n") as fh:
-            json.dump(data, fh, ensure_ascii=False, indent=1)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_file(path, "w") as fh:
+        json.dump(data, fh, ensure_ascii=False, indent=1)
+        fh.write("\n")
 
 
 def _sample_ok(path: Path, grid: ModelGrid) -> bool:
@@ -707,7 +684,7 @@ def build_cache(
     studies.sort(key=lambda s: s.study_id)
     skipped.sort(key=lambda s: s.study_id)
     if jobs:
-        _fsync_dir(samples_dir)
+        fsync_dir(samples_dir)
 
     pruned = 0
     if prune:
@@ -723,7 +700,7 @@ def build_cache(
                        digest=data_digest(studies, grid, split_spec), studies=tuple(studies),
                        skipped=tuple(skipped))
     _write_json_atomic(cache_dir / INDEX_FILE, index.to_dict())
-    _fsync_dir(cache_dir)
+    fsync_dir(cache_dir)
     built = sum(1 for k in keys if k in outcomes and outcomes[k] is None)
     stats = BuildStats(built=built, reused=sum(1 for k in keys if k in reused and k not in failures),
                        skipped=len(skipped), pruned=pruned,

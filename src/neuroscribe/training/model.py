@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the usual torch alias)
 from torch import nn
 
+from neuroscribe.durable import atomic_file
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CvitConfig",
@@ -355,16 +357,8 @@ def save_checkpoint(path: str | os.PathLike[str], model: CvitModel,
         "config": _plain(config),
         "extra": _plain(extra) or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with tmp.open("wb") as fh:
-            torch.save(ckpt, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_file(path) as fh:
+        torch.save(ckpt, fh)
     return path
 
 

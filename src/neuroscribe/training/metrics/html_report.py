@@ -21,10 +21,11 @@ import html
 import io
 import logging
 import os
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from neuroscribe.durable import atomic_file
 
 #: File name used when ``write_html`` is given a directory.
 DEFAULT_FILE_NAME = "evaluation.html"
@@ -338,18 +339,8 @@ def render_html(forte_json: Mapping[str, Any], captioning_json: Mapping[str, Any
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(tmp_name).chmod(0o644)
-        Path(tmp_name).replace(path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_file(path, "w") as handle:
+        handle.write(text)
 
 
 def html_target(out: str | os.PathLike[str]) -> Path:

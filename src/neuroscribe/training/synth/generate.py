@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import os
 import re
 import shutil
 from collections.abc import Sequence
@@ -27,6 +26,7 @@ import numpy as np
 from pydicom.uid import generate_uid
 
 from neuroscribe.dicom_io.writer import CtSeriesSpec, write_ct_series
+from neuroscribe.durable import atomic_file
 from neuroscribe.errors import NeuroScribeError
 from neuroscribe.training.synth.findings import (
     Degree,
@@ -525,11 +525,7 @@ def _prepare(out_dir: Path, overwrite: bool) -> None:
 
 
 def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    """Write to a temporary name, fsync, then rename over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
+    """Write ``records`` as JSON lines, durably (see :func:`neuroscribe.durable.atomic_file`)."""
+    with atomic_file(path, "w") as fh:
         for record in records:
             fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
