@@ -194,3 +194,29 @@ def test_associations_leave_no_open_descriptors(tmp_path: Path) -> None:
             gc.enable()
     finally:
         service.stop()
+
+
+def test_receive_counters_follow_stores_and_refusals(tmp_path: Path) -> None:
+    """The SCP's running totals count associations, instances, bytes, re-sends and refusals by reason."""
+    import subprocess
+
+    from neuroscribe.dicom_io.writer import ct_slice_dataset
+    from tests.conftest import send_datasets
+
+    service, port = _server(tmp_path)
+    try:
+        spec = CtSeriesSpec(rows=16, columns=16, slices=2)
+        files = write_ct_series(spec, tmp_path / "ct")
+        for _ in range(2):  # the second push re-sends both instances
+            subprocess.run(["storescu", "-aec", "ANY", "127.0.0.1", str(port), *map(str, files)],
+                           check=True, capture_output=True)
+        broken = ct_slice_dataset(spec, 0, None)
+        assert send_datasets(port, [broken]) == [0xA900]
+        _wait_idle(service, 2)
+        counters = service.scp.counters
+        assert (counters.associations, counters.instances, counters.duplicates) == (3, 4, 2)
+        stored = sum(p.stat().st_size for p in (tmp_path / "spool").rglob("*.dcm"))
+        assert counters.bytes == 2 * stored  # bytes written to the spool, re-sends included
+        assert counters.failures == {"no_pixel_data": 1}
+    finally:
+        service.stop()

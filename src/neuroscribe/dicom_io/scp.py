@@ -71,7 +71,7 @@ _DUL_IDLE_SECONDS = 0.001
 
 @dataclass
 class ReceiveCounters:
-    """Running totals, read by the daemon's metrics (thread-safe increments)."""
+    """Running totals of this SCP (thread-safe increments), kept for the service's metrics endpoint."""
 
     associations: int = 0
     instances: int = 0
