@@ -11,38 +11,15 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from neuroscribe.training.export import export_onnx, ort_greedy  # noqa: E402
-from neuroscribe.training.model import CvitConfig, CvitModel  # noqa: E402
+from neuroscribe.training.model import CvitModel  # noqa: E402
 from neuroscribe.training.prompts import InstructionStyle, PromptConfig, render_prompt  # noqa: E402
 from neuroscribe.training.tokenizer import (  # noqa: E402
-    IGNORE_INDEX,
-    encode_example,
     encode_prompt,
-    pad_batch,
     train_tokenizer,
 )
+from tests.cvit_toys import REPORTS, overfit_two_studies, tiny_config, toy_images  # noqa: E402
 
-REPORTS = [
-    "No acute intracranial hemorrhage. Ventricles are normal in size.",
-    "Acute left subdural hematoma measuring 8 mm with 4 mm midline shift.",
-]
 CPU = ["CPUExecutionProvider"]
-
-
-def tiny_config(vocab_size: int = 300, **kwargs) -> CvitConfig:
-    """Test-sized config: 4 slices x 3 x 32 x 32, K=4, scratch GPT-2 with 2 layers of width 32."""
-    base = dict(slices=4, channels=3, height=32, width=32, vision_width=8, vision_depth=3, d_vision=32,
-                max_slices=8, num_latents=4, resampler_layers=1, resampler_heads=2, vocab_size=vocab_size,
-                n_layer=2, n_embd=32, n_head=2, n_positions=160)
-    base.update(kwargs)
-    return CvitConfig(**base)
-
-
-def toy_images() -> torch.Tensor:
-    """Two clearly different studies (2, 4, 3, 32, 32): a left-right ramp and a dark top-bottom ramp."""
-    ramp = torch.linspace(0, 1, 32)
-    a = ramp.view(1, 1, 1, 32).expand(4, 3, 32, 32)
-    b = 0.3 * ramp.view(1, 1, 32, 1).expand(4, 3, 32, 32)
-    return torch.stack([a, b]).contiguous()
 
 
 def random_lm_model(seed: int, lm_arch: str = "gpt2") -> CvitModel:
@@ -61,19 +38,7 @@ def trained(tmp_path_factory):
     """The overfit recipe of test_model.py (two studies, two reports), exported with quantize=True."""
     prompt = render_prompt(PromptConfig(style=InstructionStyle.PLAIN))
     tok = train_tokenizer([*REPORTS, prompt] * 3, vocab_size=400)
-    torch.manual_seed(0)
-    model = CvitModel(tiny_config(len(tok), dropout=0.0))
-    rows = [encode_example(tok, prompt, r) for r in REPORTS]
-    ids, mask = (torch.tensor(x) for x in pad_batch([r[0] for r in rows], tok.pad_token_id))
-    labels = torch.tensor(pad_batch([r[1] for r in rows], IGNORE_INDEX)[0])
-    images = toy_images()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in range(150):
-        loss = model(images, ids, mask, labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    model, _loss = overfit_two_studies(tok, prompt)
     out = tmp_path_factory.mktemp("onnx")
     info = export_onnx(model, out, quantize=True)
     prompt_ids = torch.tensor([encode_prompt(tok, prompt)] * 2)

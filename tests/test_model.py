@@ -9,7 +9,7 @@ pytest.importorskip("transformers")
 
 import torch.nn.functional as F  # noqa: E402, N812
 
-from neuroscribe.training.model import CvitConfig, CvitModel, load_checkpoint, save_checkpoint  # noqa: E402
+from neuroscribe.training.model import CvitModel, load_checkpoint, save_checkpoint  # noqa: E402
 from neuroscribe.training.prompts import InstructionStyle, PromptConfig, render_prompt  # noqa: E402
 from neuroscribe.training.tokenizer import (  # noqa: E402
     IGNORE_INDEX,
@@ -17,15 +17,10 @@ from neuroscribe.training.tokenizer import (  # noqa: E402
     encode_example,
     encode_prompt,
     load_tokenizer,
-    pad_batch,
     save_tokenizer,
     train_tokenizer,
 )
-
-REPORTS = [
-    "No acute intracranial hemorrhage. Ventricles are normal in size.",
-    "Acute left subdural hematoma measuring 8 mm with 4 mm midline shift.",
-]
+from tests.cvit_toys import REPORTS, batch, overfit_two_studies, tiny_config, toy_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,32 +33,6 @@ def prompt() -> str:
 def tokenizer(prompt):
     """A small BPE tokenizer trained on the toy reports and the prompt."""
     return train_tokenizer([*REPORTS, prompt] * 3, vocab_size=400)
-
-
-def tiny_config(tokenizer=None, **kwargs) -> CvitConfig:
-    """Test-sized config: 4 slices x 3 x 32 x 32, K=4, scratch GPT-2 with 2 layers of width 32."""
-    base = dict(slices=4, channels=3, height=32, width=32, vision_width=8, vision_depth=3, d_vision=32,
-                max_slices=8, num_latents=4, resampler_layers=1, resampler_heads=2,
-                vocab_size=len(tokenizer) if tokenizer is not None else 300,
-                n_layer=2, n_embd=32, n_head=2, n_positions=160)
-    base.update(kwargs)
-    return CvitConfig(**base)
-
-
-def toy_images() -> torch.Tensor:
-    """Two clearly different studies (2, 4, 3, 32, 32): a left-right ramp and a dark top-bottom ramp."""
-    ramp = torch.linspace(0, 1, 32)
-    a = ramp.view(1, 1, 1, 32).expand(4, 3, 32, 32)
-    b = 0.3 * ramp.view(1, 1, 32, 1).expand(4, 3, 32, 32)
-    return torch.stack([a, b]).contiguous()
-
-
-def batch(tokenizer, prompt, reports):
-    """Right-padded ``(input_ids, attention_mask, labels)`` tensors for ``reports`` under ``prompt``."""
-    rows = [encode_example(tokenizer, prompt, r) for r in reports]
-    ids, mask = pad_batch([r[0] for r in rows], tokenizer.pad_token_id)
-    labels, _ = pad_batch([r[1] for r in rows], IGNORE_INDEX)
-    return torch.tensor(ids), torch.tensor(mask), torch.tensor(labels)
 
 
 def test_tokenizer_round_trip_and_deterministic(tmp_path, prompt, tokenizer):
@@ -98,7 +67,7 @@ def test_encode_example_masks_prompt(tokenizer, prompt):
 def test_shapes_and_loss_over_report_tokens_only(tokenizer, prompt):
     """encode_image gives (B, K, d_lm); the loss equals a manual cross-entropy over report tokens."""
     torch.manual_seed(0)
-    model = CvitModel(tiny_config(tokenizer))
+    model = CvitModel(tiny_config(len(tokenizer)))
     images = toy_images()
     visual = model.encode_image(images)
     assert visual.shape == (2, 4, 32)
@@ -123,19 +92,9 @@ def test_shapes_and_loss_over_report_tokens_only(tokenizer, prompt):
 
 def test_overfit_two_studies_follows_the_image(tokenizer, prompt):
     """After training, each study's image yields its own report; swapping images swaps them."""
-    torch.manual_seed(0)
-    model = CvitModel(tiny_config(tokenizer, dropout=0.0))
+    model, loss = overfit_two_studies(tokenizer, prompt)
     images = toy_images()
-    ids, mask, labels = batch(tokenizer, prompt, REPORTS)
-    # lr 1e-2 (or dropout) let the LM fit both reports before the image path learned to separate
-    # them: the visual tokens then collapsed and greedy output ignored the image.
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for _ in range(150):
-        loss = model(images, ids, mask, labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.05
+    assert loss < 0.05
     p = torch.tensor([encode_prompt(tokenizer, prompt)] * 2)
     eos = tokenizer.eos_token_id
 
@@ -150,7 +109,7 @@ def test_overfit_two_studies_follows_the_image(tokenizer, prompt):
 def test_generate_kv_cache_matches_full_recompute(tokenizer, prompt):
     """Greedy decoding with the KV cache picks the same tokens as recomputing the whole sequence."""
     torch.manual_seed(1)
-    model = CvitModel(tiny_config(tokenizer)).eval()
+    model = CvitModel(tiny_config(len(tokenizer))).eval()
     images = toy_images()
     p = torch.tensor([encode_prompt(tokenizer, prompt)] * 2)
     cached = model.generate(images, p, max_new_tokens=8)
@@ -165,7 +124,7 @@ def test_generate_kv_cache_matches_full_recompute(tokenizer, prompt):
 def test_freeze_options_keep_frozen_parameters(tokenizer, prompt):
     """With freeze_lm and freeze_vision, a step changes only the resampler and projector."""
     torch.manual_seed(0)
-    model = CvitModel(tiny_config(tokenizer, freeze_lm=True, freeze_vision=True))
+    model = CvitModel(tiny_config(len(tokenizer), freeze_lm=True, freeze_vision=True))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(trainable, lr=0.1)
@@ -183,7 +142,7 @@ def test_freeze_options_keep_frozen_parameters(tokenizer, prompt):
 def test_checkpoint_round_trip_and_atomic_write(tmp_path, tokenizer, prompt, monkeypatch):
     """A reloaded checkpoint gives identical logits; a failed save leaves the old file and no temp."""
     torch.manual_seed(0)
-    model = CvitModel(tiny_config(tokenizer, lm_arch="llama")).eval()
+    model = CvitModel(tiny_config(len(tokenizer), lm_arch="llama")).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     ids, mask, labels = batch(tokenizer, prompt, REPORTS)
     model(toy_images(), ids, mask, labels).loss.backward()
