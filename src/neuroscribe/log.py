@@ -155,3 +155,4 @@ def _silence_identifier_logging() -> None:
     # Association-level INFO lines are replaced by our own, PHI-free events.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # logs raw SOP Instance UIDs at INFO
