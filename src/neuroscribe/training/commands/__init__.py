@@ -1,0 +1,1 @@
+"""``neuroscribe train`` and ``neuroscribe models``: one module each (add_arguments, run)."""

@@ -1,0 +1,116 @@
+"""Score sealed bundles on a site dataset's held-out split with the ONNX graphs the service runs.
+
+Used by the registry's promotion gate (``neuroscribe models promote --data``) and the quality
+benchmark. Series go through the same cache code as training (``dataset.build_cache``, on each
+bundle's own input grid) and reports are decoded greedily with ONNX Runtime; no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuroscribe.inference.bundle import Bundle
+from neuroscribe.training.dataset import CachedSplit, ModelGrid, SplitSpec, build_cache, load_manifest
+
+__all__ = ["bundle_reports", "heldout_digest", "heldout_scores", "heldout_split", "score_reports"]
+
+
+def score_reports(references: Sequence[str], candidates: Sequence[str], ids: Sequence[str], *,
+                  captioning: bool = True) -> dict[str, Any]:
+    """Strict FORTE (mean F1 and per category) and, optionally, the captioning metrics' corpus values."""
+    from neuroscribe.training.metrics.forte import Pair, evaluate_forte
+
+    pairs = [Pair(i, r, c) for i, r, c in zip(ids, references, candidates, strict=True)]
+    forte = evaluate_forte(pairs, mode="strict")
+    scores: dict[str, Any] = {
+        "n_studies": len(pairs),
+        "forte_strict_mean_f1": forte.mean_f1,
+        "forte_strict_categories": {k: v["f1"] for k, v in forte.categories.items()},
+    }
+    if captioning:
+        from neuroscribe.training.metrics.captioning import captioning_metrics
+
+        scores["captioning"] = captioning_metrics(pairs)["corpus"]
+    return scores
+
+
+def heldout_digest(split: CachedSplit) -> str:
+    """sha256 over the held-out studies' ids and series hashes: two scores compare only if equal."""
+    digest = hashlib.sha256()
+    for study in split.studies:
+        digest.update(f"{study.study_id}:{study.series_sha256}\n".encode())
+    return digest.hexdigest()
+
+
+def _decoder(bundle: Bundle) -> Any:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(bundle.path / bundle.manifest["tokenizer"]["file"]))
+
+
+def bundle_reports(bundle: Bundle, split: CachedSplit, *, prompt_ids: Sequence[int] | None = None,
+                   batch_size: int = 16, limit: int | None = None) -> list[str]:
+    """Greedy reports (ONNX Runtime) for the first ``limit`` studies of ``split``.
+
+    ``prompt_ids`` default to the manifest's inference prompt; the benchmark passes other styles'.
+    """
+    from neuroscribe.training.export import ort_greedy
+
+    ids = list(prompt_ids if prompt_ids is not None else bundle.manifest["prompt"]["input_ids"])
+    generation = bundle.manifest["generation"]
+    eos = bundle.manifest["tokenizer"]["eos_id"]
+    tokenizer = _decoder(bundle)
+    n = len(split) if limit is None else min(limit, len(split))
+    reports: list[str] = []
+    for start in range(0, n, batch_size):
+        rows = range(start, min(n, start + batch_size))
+        images = np.stack([np.asarray(split[i].array, np.float32) for i in rows])
+        prompt = np.array([ids] * len(rows), dtype=np.int64)
+        out = ort_greedy(bundle.path, images, prompt, generation["max_new_tokens"], eos_id=eos)
+        for row in out.tolist():
+            row = row[:row.index(eos)] if eos in row else row
+            reports.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return reports
+
+
+def heldout_split(bundle: Bundle, data: str | os.PathLike[str], cache_dir: str | os.PathLike[str], *,
+                  split: str = "test", spec: SplitSpec | None = None, workers: int = 1) -> CachedSplit:
+    """The held-out studies of ``data`` on the bundle's grid (split spec: the bundle's training one)."""
+    grid = ModelGrid.from_dict(bundle.manifest["input"])
+    if spec is None:
+        recorded = (bundle.manifest.get("training") or {}).get("split")
+        spec = SplitSpec.from_dict(recorded) if recorded else SplitSpec()
+    index = build_cache(load_manifest(Path(data)), cache_dir, grid, split_spec=spec, workers=workers)
+    return index.split(split)
+
+
+def heldout_scores(bundles: Sequence[Bundle], data: str | os.PathLike[str], *, workers: int = 1,
+                   split: str = "test", captioning: bool = False,
+                   cache_dir: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Strict FORTE (and optionally captioning) scores of each bundle on the same held-out studies.
+
+    The split spec is the first bundle's (the candidate's), so every bundle is scored on one set.
+    """
+    first = (bundles[0].manifest.get("training") or {}).get("split")
+    spec = SplitSpec.from_dict(first) if first else SplitSpec()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="neuroscribe-heldout-") as tmp:
+        for i, bundle in enumerate(bundles):
+            folder = Path(cache_dir) / f"grid{i}" if cache_dir else Path(tmp) / f"grid{i}"
+            held = heldout_split(bundle, data, folder, split=split, spec=spec, workers=workers)
+            if len(held) == 0:
+                raise ValueError(f"the {split} split of {data} is empty: no held-out studies to score")
+            candidates = bundle_reports(bundle, held)
+            scores = score_reports([s.report for s in held.studies], candidates,
+                                   [s.study_id for s in held.studies], captioning=captioning)
+            scores["heldout_digest"] = heldout_digest(held)
+            scores["bundle"] = bundle.label
+            results.append(scores)
+    return results
