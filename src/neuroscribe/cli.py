@@ -30,6 +30,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "score candidate reports against references: FORTE and captioning metrics"),
     "synth": ("neuroscribe.training.synth.command",
               "make synthetic head-CT studies with reports (phantoms, no patient data)"),
+    "train": ("neuroscribe.training.commands.train",
+              "train the CVIT report model on studies with reports and write a model bundle"),
+    "models": ("neuroscribe.training.commands.models",
+               "the model registry: list bundles, promote one through the FORTE gate, roll back"),
 }
 
 #: Commands that write the service's log file under storage.root (others log to stdout only).

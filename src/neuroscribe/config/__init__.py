@@ -3,6 +3,7 @@
 from neuroscribe.config.settings import (
     DicomSettings,
     LoggingSettings,
+    ModelsSettings,
     SelectionSettings,
     SeriesSettings,
     Settings,
@@ -13,6 +14,7 @@ from neuroscribe.config.settings import (
 __all__ = [
     "DicomSettings",
     "LoggingSettings",
+    "ModelsSettings",
     "SelectionSettings",
     "SeriesSettings",
     "Settings",

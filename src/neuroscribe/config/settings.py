@@ -109,6 +109,11 @@ class StorageSettings(_Section):
         return self.root / "logs"
 
     @property
+    def models_dir(self) -> Path:
+        """The default model registry folder (``<root>/models``)."""
+        return self.root / "models"
+
+    @property
     def resolved_database_url(self) -> str:
         """The database URL in use."""
         return self.database_url or f"sqlite:///{(self.root / 'state.sqlite3').resolve()}"
@@ -167,6 +172,15 @@ class SelectionSettings(_Section):
         return value
 
 
+class ModelsSettings(_Section):
+    """The model registry: where bundles live and what a new one must score to replace the current."""
+
+    #: Registry folder (bundles and ``registry.json``); empty means ``<storage.root>/models``.
+    dir: Path | None = None
+    #: A candidate's strict FORTE mean F1 on the held-out set must exceed the current model's by this.
+    promotion_margin: float = Field(0.01, ge=0.0, le=1.0)
+
+
 class LoggingSettings(_Section):
     """structlog output: JSON lines to stdout and to ``<storage.root>/logs``."""
 
@@ -190,6 +204,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     series: SeriesSettings = SeriesSettings()
     selection: SelectionSettings = SelectionSettings()
+    models: ModelsSettings = ModelsSettings()
     logging: LoggingSettings = LoggingSettings()
 
     @classmethod

@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--max-steps", type=_positive, help="stop after this many optimizer steps")
     parser.add_argument("--workers", type=_positive, help="processes decoding series into the cache")
+    parser.add_argument("--cache-dir", type=Path,
+                        help="decoded-series cache to share between runs (default RUN_DIR/cache)")
     parser.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
@@ -38,7 +40,8 @@ def run(_settings: Settings, args: argparse.Namespace) -> int:
     from neuroscribe.training.trainer import load_train_config, train
 
     cfg = load_train_config(args.train_config, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                            max_steps=args.max_steps, workers=args.workers)
+                            max_steps=args.max_steps, workers=args.workers,
+                            cache_dir=str(args.cache_dir) if args.cache_dir else None)
     result = train(args.data, args.out, cfg, resume=args.resume, progress=not args.no_progress,
                    device=args.device)
     if result.bundle is None:
