@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
 
 import pytest
 
@@ -315,6 +315,11 @@ def test_every_setting_is_documented() -> None:
 
     text = (REPO / "docs" / "configuration.md").read_text(encoding="utf-8")
     for section, field in Settings.model_fields.items():
-        assert f"`[{section}]`" in text, section
-        for key in field.annotation.model_fields:  # type: ignore[union-attr]
+        model = field.annotation
+        if get_origin(model) is tuple:  # an array of tables: [[pacs]], [[ris]]
+            model = get_args(model)[0]
+            assert f"`[[{section}]]`" in text, section
+        else:
+            assert f"`[{section}]`" in text, section
+        for key in model.model_fields:  # type: ignore[union-attr]
             assert f"| `{key}` |" in text, f"{section}.{key}"

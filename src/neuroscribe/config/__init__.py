@@ -1,9 +1,14 @@
 """Configuration: one typed settings model, a TOML file and ``NEUROSCRIBE_*`` overrides."""
 
 from neuroscribe.config.settings import (
+    CodeSetting,
     DicomSettings,
+    Hl7Settings,
     LoggingSettings,
     ModelsSettings,
+    OutboxSettings,
+    PacsDestination,
+    RisDestination,
     SelectionSettings,
     SeriesSettings,
     Settings,
@@ -12,9 +17,14 @@ from neuroscribe.config.settings import (
 )
 
 __all__ = [
+    "CodeSetting",
     "DicomSettings",
+    "Hl7Settings",
     "LoggingSettings",
     "ModelsSettings",
+    "OutboxSettings",
+    "PacsDestination",
+    "RisDestination",
     "SelectionSettings",
     "SeriesSettings",
     "Settings",

@@ -181,6 +181,150 @@ class ModelsSettings(_Section):
     promotion_margin: float = Field(0.01, ge=0.0, le=1.0)
 
 
+_DESTINATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+#: HL7 table 0004 (patient class); mirrors ``reporting.hl7.PATIENT_CLASSES`` (config imports no stage).
+_PATIENT_CLASSES = frozenset("EIOPRBCNU")
+#: Charsets the MLLP client encodes with (``reporting.hl7.OruOptions.charset``).
+Charset = Literal["utf-8", "iso-8859-1", "ascii"]
+
+
+def _check_destination_name(value: str) -> str:
+    if not _DESTINATION_NAME.match(value):
+        raise ValueError("a destination name is 1 to 32 characters: letters, digits, '_', '.', '-', "
+                         "starting with a letter or digit")
+    return value
+
+
+class PacsDestination(_Section):
+    """One ``[[pacs]]`` table: a PACS that receives every report's SR by C-STORE."""
+
+    #: Names the destination in the outbox, ``neuroscribe outbox list`` and logs; unique among PACS.
+    name: str
+    #: The PACS's (called) AE title.
+    ae_title: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    #: Our AE title towards this PACS; empty means ``dicom.ae_title``.
+    calling_ae_title: str = ""
+    #: Seconds for each step of an attempt (connect, association, each response).
+    timeout_seconds: float = Field(30.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_destination_name(value)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value)
+
+    @field_validator("calling_ae_title")
+    @classmethod
+    def _calling_ae_title(cls, value: str) -> str:
+        return _check_ae_title(value) if value else value
+
+
+class RisDestination(_Section):
+    """One ``[[ris]]`` table: a RIS that receives every report's ORU^R01 over MLLP."""
+
+    #: Names the destination in the outbox, ``neuroscribe outbox list`` and logs; unique among RIS.
+    name: str
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    #: Seconds to connect, and from the end of sending to the whole ACK.
+    timeout_seconds: float = Field(30.0, gt=0)
+    #: Wire charset; empty means ``hl7.charset``. Must equal it when set: MSH-18 declares that one.
+    encoding: Charset | Literal[""] = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _check_destination_name(value)
+
+
+class CodeSetting(_Section):
+    """A coded value (CE/CWE) for the ORU: ``{ code = "19005-8", text = "...", system = "LN" }``."""
+
+    code: str = Field(min_length=1)
+    text: str = ""
+    system: str = "L"
+
+
+class Hl7Settings(_Section):
+    """What goes where in the ORU^R01: the fields of ``reporting.hl7.OruOptions``, from the RIS's spec."""
+
+    sending_application: str = "NEUROSCRIBE"
+    sending_facility: str = ""
+    receiving_application: str = "RIS"
+    receiving_facility: str = ""
+    processing_id: Literal["P", "T", "D"] = "P"
+    patient_id_issuer: str = ""
+    patient_id_type: str = "MR"
+    accession_fields: tuple[Literal["OBR-2", "OBR-3", "OBR-18", "OBR-19"], ...] = Field(
+        ("OBR-3", "OBR-18"), min_length=1
+    )
+    procedure_source: Literal["procedure_code", "study_description", "default"] = "procedure_code"
+    default_procedure: CodeSetting = CodeSetting(code="CTHEAD", text="CT HEAD", system="L")
+    findings_code: CodeSetting = CodeSetting(code="FINDINGS", text="Findings", system="L")
+    impression_code: CodeSetting = CodeSetting(code="IMPRESSION", text="Impression", system="L")
+    disclaimer_code: CodeSetting = CodeSetting(code="DISCLAIMER", text="AI draft disclaimer", system="L")
+    disclaimer_segment: Literal["OBX", "NTE"] = "OBX"
+    #: PV1-2; empty leaves PV1 out.
+    patient_class: str = "U"
+    diagnostic_section: str = "CT"
+    #: When set, a last OBX carries the StudyInstanceUID under this code.
+    study_uid_code: CodeSetting | None = None
+    charset: Charset = "utf-8"
+
+    @field_validator("patient_class")
+    @classmethod
+    def _patient_class(cls, value: str) -> str:
+        if value and value not in _PATIENT_CLASSES:
+            raise ValueError(f"must be one of {''.join(sorted(_PATIENT_CLASSES))} (HL7 table 0004) or empty")
+        return value
+
+    @field_validator("accession_fields")
+    @classmethod
+    def _unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("lists a field twice")
+        return value
+
+    def oru_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``reporting.hl7.OruOptions`` (``patient_class`` empty becomes None)."""
+        options = self.model_dump()
+        options["patient_class"] = self.patient_class or None
+        return options
+
+
+class OutboxSettings(_Section):
+    """The durable outbox: how often undelivered reports are retried, and when they become dead letters."""
+
+    #: Delay after the first failed attempt.
+    backoff_base_seconds: float = Field(30.0, gt=0)
+    #: Each further failure multiplies the delay by this.
+    backoff_factor: float = Field(2.0, ge=1.0, le=10.0)
+    #: The delay never exceeds this, jitter included.
+    backoff_ceiling_seconds: float = Field(4 * 3600.0, gt=0)
+    #: Each delay is multiplied by a random factor in [1 - jitter, 1 + jitter] (then capped).
+    jitter: float = Field(0.1, ge=0.0, lt=1.0)
+    #: An item still failing this long after it was queued (or retried by hand) becomes a dead letter.
+    dead_letter_after_seconds: float = Field(72 * 3600.0, gt=0)
+    #: Failed attempts before an item becomes a dead letter regardless of age; 0: age alone decides.
+    max_attempts: int = Field(0, ge=0)
+    #: How often the delivery thread looks for due items.
+    poll_seconds: float = Field(5.0, gt=0)
+
+    @field_validator("backoff_ceiling_seconds")
+    @classmethod
+    def _ceiling_above_base(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("backoff_base_seconds")
+        if base is not None and value < base:
+            raise ValueError(f"is below backoff_base_seconds ({base})")
+        return value
+
+
 class LoggingSettings(_Section):
     """structlog output: JSON lines to stdout and to ``<storage.root>/logs``."""
 
@@ -206,6 +350,37 @@ class Settings(BaseSettings):
     selection: SelectionSettings = SelectionSettings()
     models: ModelsSettings = ModelsSettings()
     logging: LoggingSettings = LoggingSettings()
+    hl7: Hl7Settings = Hl7Settings()
+    outbox: OutboxSettings = OutboxSettings()
+    #: ``[[pacs]]`` tables: every report's SR goes to each.
+    pacs: tuple[PacsDestination, ...] = ()
+    #: ``[[ris]]`` tables: every report's ORU^R01 goes to each.
+    ris: tuple[RisDestination, ...] = ()
+
+    @field_validator("pacs", "ris")
+    @classmethod
+    def _unique_names(
+        cls, value: tuple[PacsDestination | RisDestination, ...], info: ValidationInfo
+    ) -> tuple[PacsDestination | RisDestination, ...]:
+        seen: dict[str, int] = {}
+        for index, destination in enumerate(value):
+            if destination.name in seen:
+                raise ValueError(f"{info.field_name}[{index}].name {destination.name!r} is already the name "
+                                 f"of {info.field_name}[{seen[destination.name]}]; names must be unique")
+            seen[destination.name] = index
+        return value
+
+    @field_validator("ris")
+    @classmethod
+    def _ris_encoding(
+        cls, value: tuple[RisDestination, ...], info: ValidationInfo
+    ) -> tuple[RisDestination, ...]:
+        hl7 = info.data.get("hl7")
+        for index, destination in enumerate(value):
+            if hl7 is not None and destination.encoding and destination.encoding != hl7.charset:
+                raise ValueError(f"ris[{index}].encoding {destination.encoding!r} differs from hl7.charset "
+                                 f"({hl7.charset!r}), which MSH-18 declares; leave it empty or equal")
+        return value
 
     @classmethod
     def settings_customise_sources(
@@ -227,7 +402,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     Parameters
     ----------
     config_file
-        A TOML file with ``[dicom]``, ``[storage]``, ``[series]``, ``[selection]``, ``[logging]``.
+        A TOML file with ``[dicom]``, ``[storage]``, ``[series]``, ``[selection]``, ``[models]``,
+        ``[logging]``, ``[hl7]``, ``[outbox]`` and ``[[pacs]]``/``[[ris]]`` tables.
     overrides
         Section dicts that win over everything (tests use them).
     """
@@ -250,16 +426,33 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
 
 
 def _describe(exc: ValidationError, config_file: Path | None) -> str:
-    """One line per bad setting: ``dicom.port = 70000: Input should be less than or equal to...``."""
+    """One line per bad setting: ``dicom.port = 70000: Input should be less than or equal to...``.
+
+    Keys inside ``[[pacs]]``/``[[ris]]`` read ``pacs[1].port``; their environment variable is the
+    whole array (``NEUROSCRIBE_PACS``, as JSON).
+    """
     lines = []
     for error in exc.errors():
-        key = ".".join(str(part) for part in error["loc"]) or "(settings)"
+        key = _dotted(error["loc"])
         value = error.get("input")
         shown = "(missing)" if error["type"] == "missing" else repr(value)
         if isinstance(value, dict):
             shown = "(section)"
+        elif isinstance(value, list | tuple) and value and all(isinstance(v, dict | BaseModel)
+                                                                for v in value):
+            shown = f"({len(value)} table{'s' if len(value) > 1 else ''})"
         reason = error["msg"].removeprefix("Value error, ")
-        env = ENV_PREFIX + key.upper().replace(".", ENV_NESTED_DELIMITER)
+        env_loc = next((error["loc"][:i] for i, part in enumerate(error["loc"]) if isinstance(part, int)),
+                       error["loc"])
+        env = ENV_PREFIX + _dotted(env_loc).upper().replace(".", ENV_NESTED_DELIMITER)
         lines.append(f"{key} = {shown}: {reason} (file key {key!r} or environment {env})")
     origin = f" in {str(config_file)!r} or the environment" if config_file else ""
     return f"invalid configuration{origin}:\n  " + "\n  ".join(lines)
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    """``("pacs", 1, "port")`` as ``pacs[1].port``; ``()`` as ``(settings)``."""
+    key = ""
+    for part in loc:
+        key += f"[{part}]" if isinstance(part, int) else (f".{part}" if key else str(part))
+    return key or "(settings)"

@@ -76,6 +76,51 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "reports and the durable outbox",
+        (
+            """
+            CREATE TABLE reports (
+                report_id TEXT PRIMARY KEY,
+                study_instance_uid TEXT NOT NULL,
+                series_instance_uid TEXT NOT NULL,
+                sr_sop_instance_uid TEXT NOT NULL UNIQUE,
+                sr_series_instance_uid TEXT NOT NULL,
+                control_id TEXT UNIQUE,
+                model_name TEXT NOT NULL,
+                model_version TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                sr_file TEXT NOT NULL,
+                sr_sha256 TEXT NOT NULL,
+                er7_file TEXT,
+                er7_sha256 TEXT
+            )
+            """,
+            "CREATE INDEX ix_reports_series ON reports (series_instance_uid)",
+            """
+            CREATE TABLE outbox (
+                item_id TEXT PRIMARY KEY,
+                report_id TEXT NOT NULL REFERENCES reports (report_id),
+                destination_kind TEXT NOT NULL,
+                destination_name TEXT NOT NULL,
+                state TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                created_at DOUBLE PRECISION NOT NULL,
+                window_started_at DOUBLE PRECISION NOT NULL,
+                next_attempt_at DOUBLE PRECISION,
+                last_attempt_at DOUBLE PRECISION,
+                last_outcome TEXT,
+                last_reason TEXT,
+                delivered_at DOUBLE PRECISION,
+                dead_at DOUBLE PRECISION,
+                dropped_at DOUBLE PRECISION,
+                UNIQUE (report_id, destination_kind, destination_name)
+            )
+            """,
+            "CREATE INDEX ix_outbox_due ON outbox (state, next_attempt_at)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from sqlalchemy import BigInteger, Column, Float, Integer, MetaData, Table, Text
+from sqlalchemy import BigInteger, Column, Float, ForeignKey, Integer, MetaData, Table, Text, UniqueConstraint
 
 metadata = MetaData()
 
@@ -23,6 +23,28 @@ class SeriesState(StrEnum):
     SELECTED = "SELECTED"
     #: Kept on disk but not reported on; ``reason`` says why.
     REJECTED = "REJECTED"
+
+
+class OutboxState(StrEnum):
+    """Where one (report, destination) delivery stands."""
+
+    #: Waiting for its next attempt (``next_attempt_at``).
+    PENDING = "pending"
+    #: The destination has it (C-STORE success/warning/duplicate, or HL7 AA).
+    DELIVERED = "delivered"
+    #: Refused for good, or still failing after the dead-letter age: an operator must look.
+    DEAD = "dead"
+    #: Given up by an operator (``neuroscribe outbox drop``); kept for audit.
+    DROPPED = "dropped"
+
+
+class DestinationKind(StrEnum):
+    """What a destination receives."""
+
+    #: The SR, by C-STORE.
+    PACS = "pacs"
+    #: The ORU^R01, over MLLP.
+    RIS = "ris"
 
 
 series = Table(
@@ -67,4 +89,43 @@ ingest_failures = Table(
     Column("reason", Text, nullable=False),
     Column("detail", Text, nullable=False),
     Column("sop_instance_uid_hash", Text),
+)
+
+reports = Table(
+    "reports",
+    metadata,
+    Column("report_id", Text, primary_key=True),
+    Column("study_instance_uid", Text, nullable=False),
+    Column("series_instance_uid", Text, nullable=False),
+    Column("sr_sop_instance_uid", Text, nullable=False, unique=True),
+    Column("sr_series_instance_uid", Text, nullable=False),
+    Column("control_id", Text, unique=True),
+    Column("model_name", Text, nullable=False),
+    Column("model_version", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("sr_file", Text, nullable=False),
+    Column("sr_sha256", Text, nullable=False),
+    Column("er7_file", Text),
+    Column("er7_sha256", Text),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("item_id", Text, primary_key=True),
+    Column("report_id", Text, ForeignKey("reports.report_id"), nullable=False),
+    Column("destination_kind", Text, nullable=False),
+    Column("destination_name", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("window_started_at", Float, nullable=False),
+    Column("next_attempt_at", Float),
+    Column("last_attempt_at", Float),
+    Column("last_outcome", Text),
+    Column("last_reason", Text),
+    Column("delivered_at", Float),
+    Column("dead_at", Float),
+    Column("dropped_at", Float),
+    UniqueConstraint("report_id", "destination_kind", "destination_name"),
 )
