@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "run the service: Storage SCP and series assembly, until SIGTERM"),
     "doctor": ("neuroscribe.daemon.commands.doctor",
                "check configuration, storage, database, port and tools"),
+    "outbox": ("neuroscribe.reporting.outbox_command",
+               "the durable outbox of reports: list deliveries, retry dead letters, drop items"),
     "evaluate": ("neuroscribe.training.metrics.command",
                  "score candidate reports against references: FORTE and captioning metrics"),
     "synth": ("neuroscribe.training.synth.command",
@@ -34,6 +36,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "train the CVIT report model on studies with reports and write a model bundle"),
     "models": ("neuroscribe.training.commands.models",
                "the model registry: list bundles, promote one through the FORTE gate, roll back"),
+    "infer": ("neuroscribe.daemon.commands.infer",
+              "draft the report of one CT series with a model bundle (ONNX Runtime; an AI draft)"),
 }
 
 #: Commands that write the service's log file under storage.root (others log to stdout only).

@@ -26,8 +26,8 @@ class Check:
     required: bool = True
 
 
-def run_checks(settings: Settings) -> list[Check]:
-    """Every check, in the order an operator would fix them."""
+def run_checks(settings: Settings, model: Path | None = None) -> list[Check]:
+    """Every check, in the order an operator would fix them; ``model``: also load that bundle."""
     checks = [Check("config", True, "settings loaded and valid")]
     root = Path(settings.storage.root)
     try:
@@ -62,14 +62,30 @@ def run_checks(settings: Settings) -> list[Check]:
         path = shutil.which(tool)
         checks.append(Check(f"tool {tool}", path is not None, path or "not on PATH", required=False))
     checks.append(_onnxruntime_check())
+    if model is not None:
+        checks.append(_model_check(model))
     return checks
 
 
 def _onnxruntime_check() -> Check:
+    from neuroscribe.inference.providers import describe
+
+    info = describe()
+    return Check("onnxruntime", bool(info["installed"]), str(info["detail"]), required=False)
+
+
+def _model_check(bundle: Path) -> Check:
+    """Load the bundle as the service would (checksums, sessions, warm-up) and say where it runs."""
+    from neuroscribe.errors import NeuroScribeError
+    from neuroscribe.inference.engine import Engine
+
     try:
-        import onnxruntime
-    except ImportError:
-        return Check("onnxruntime", False, "not installed (extra 'cpu' or 'gpu')", required=False)
-    providers = onnxruntime.get_available_providers()
-    return Check("onnxruntime", True, f"{onnxruntime.__version__}, built with {providers}",
-                 required=False)
+        engine = Engine.load(bundle)
+    except (NeuroScribeError, OSError, ImportError) as exc:
+        return Check("model", False, f"{bundle}: {exc}")
+    where = f"{engine.device} {engine.providers}"
+    if engine.fallback_reason:
+        return Check("model", False, f"{engine.bundle.label} runs on the CPU: {engine.fallback_reason}",
+                     required=False)
+    return Check("model", True, f"{engine.bundle.label} ({engine.precision}) loads and runs on {where}, "
+                 f"warm-up {engine.warmup_seconds:.2f} s")

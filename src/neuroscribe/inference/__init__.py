@@ -1,4 +1,7 @@
-"""ONNX Runtime inference: sessions and providers, tokenizer, decode loop (never imports torch).
+"""ONNX Runtime inference: bundles, providers, KV-cache decode loop, the engine (never imports torch).
 
-Filled in by the inference issue; the service runs without it until then.
+``bundle`` (layout, manifest, checksums), ``providers`` (device choice, silent CUDA fallback),
+``decode`` (greedy, beam search, stop rules, repetition guards), ``engine`` (:class:`Engine`:
+sessions, warm-up, batching, tokenizer, reports from series), ``command`` (``neuroscribe infer``).
+This package imports nothing heavy on its own: import the module you need (docs/inference.md).
 """

@@ -45,7 +45,7 @@ def build_bundle(model: Any, tokenizer: Any, prompt: PromptConfig | PromptMix,
                  description: str = "",
                  synthetic_training_data: bool = False, training: Mapping[str, Any] | None = None,
                  scores: Mapping[str, Any] | None = None, max_new_tokens: int = 256,
-                 quantize: bool = False) -> Bundle:
+                 quantize: bool = False, precision: str = "fp32") -> Bundle:
     """Export ``model`` and write a sealed bundle folder at ``out_dir`` (which must not exist).
 
     Parameters
@@ -59,6 +59,8 @@ def build_bundle(model: Any, tokenizer: Any, prompt: PromptConfig | PromptMix,
         ``ModelGrid.to_dict()`` of the inputs the model was trained on.
     training, scores
         Provenance (data digest, split counts, run settings) and held-out scores for the manifest.
+    precision
+        ``fp32`` or ``fp16`` graphs (``export_onnx``); recorded as ``manifest.graphs.precision``.
     """
     out = Path(out_dir)
     if out.exists():
@@ -69,7 +71,7 @@ def build_bundle(model: Any, tokenizer: Any, prompt: PromptConfig | PromptMix,
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        graphs = export_onnx(model, staging, quantize=quantize)
+        graphs = export_onnx(model, staging, quantize=quantize, precision=precision)
         save_tokenizer(tokenizer, staging)
         text = render_prompt(config)
         prompt_record = {**manifest_record(config, training_mix=mix), "text": text,

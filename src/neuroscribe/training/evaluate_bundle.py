@@ -2,7 +2,8 @@
 
 Used by the registry's promotion gate (``neuroscribe models promote --data``) and the quality
 benchmark. Series go through the same cache code as training (``dataset.build_cache``, on each
-bundle's own input grid) and reports are decoded greedily with ONNX Runtime; no torch.
+bundle's own input grid) and reports are decoded greedily by the inference engine the service runs
+(:class:`neuroscribe.inference.engine.Engine`, ONNX Runtime); no torch.
 """
 
 from __future__ import annotations
@@ -49,34 +50,24 @@ def heldout_digest(split: CachedSplit) -> str:
     return digest.hexdigest()
 
 
-def _decoder(bundle: Bundle) -> Any:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(bundle.path / bundle.manifest["tokenizer"]["file"]))
-
-
 def bundle_reports(bundle: Bundle, split: CachedSplit, *, prompt_ids: Sequence[int] | None = None,
-                   batch_size: int = 16, limit: int | None = None) -> list[str]:
-    """Greedy reports (ONNX Runtime) for the first ``limit`` studies of ``split``.
+                   batch_size: int = 16, limit: int | None = None, device: str = "auto") -> list[str]:
+    """Greedy reports (the inference engine, ONNX Runtime) for the first ``limit`` studies of ``split``.
 
     ``prompt_ids`` default to the manifest's inference prompt; the benchmark passes other styles'.
+    Decoding is plain greedy with the manifest's length limit and stop ids and no repetition guard,
+    as the trainer's validation (``trainer.generate_reports``) decodes, so the scores compare.
     """
-    from neuroscribe.training.export import ort_greedy
+    from neuroscribe.inference.engine import Engine
 
-    ids = list(prompt_ids if prompt_ids is not None else bundle.manifest["prompt"]["input_ids"])
-    generation = bundle.manifest["generation"]
-    eos = bundle.manifest["tokenizer"]["eos_id"]
-    tokenizer = _decoder(bundle)
+    engine = Engine.load(bundle.path, device=device, warmup=False)
     n = len(split) if limit is None else min(limit, len(split))
     reports: list[str] = []
     for start in range(0, n, batch_size):
         rows = range(start, min(n, start + batch_size))
-        images = np.stack([np.asarray(split[i].array, np.float32) for i in rows])
-        prompt = np.array([ids] * len(rows), dtype=np.int64)
-        out = ort_greedy(bundle.path, images, prompt, generation["max_new_tokens"], eos_id=eos)
-        for row in out.tolist():
-            row = row[:row.index(eos)] if eos in row else row
-            reports.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        images = np.stack([np.asarray(split[i].array, np.float32) for i in rows])  # (b, S, C, H, W)
+        results = engine.generate(images, prompt_ids=prompt_ids, repeat_guard=0)
+        reports.extend(r.text for r in results)
     return reports
 
 

@@ -14,6 +14,12 @@ Files written by :func:`export_onnx` into ``out_dir``::
     embed_tokens.npy   (vocab, d_lm) float32: the LM's input embedding matrix; token ids are embedded
                        with a numpy lookup, so the runtime needs no torch
 
+``precision="fp16"`` converts both graphs with ``onnxruntime.transformers.float16`` after the fp32
+export (for CUDA; the inference engine refuses them on the CPU by default): weights and activations
+become float16, ``images``, ``visual_tokens``, ``inputs_embeds`` and ``logits`` stay float32 (so the
+embedding table, argmax and log-probabilities stay float32), and the past/present KV tensors become
+float16 (half the cache memory, no cast per step). The description records ``precision``.
+
 The exporter is the TorchScript one (``dynamo=False``, opset 17; see STACK.md section 2): the HF cache
 is a ``DynamicCache`` of ``DynamicLayer``s whose keys/values are set directly (``cache.update`` would
 ``torch.cat`` onto a baked-in empty tensor), and the LM gets a ready 4D mask (the 2D-mask path uses
@@ -30,9 +36,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["export_onnx", "ort_greedy"]
+__all__ = ["PRECISIONS", "export_onnx", "ort_greedy"]
 
 _TRACE_BATCH, _TRACE_NEW, _TRACE_PAST = 2, 3, 4
+#: Graph precisions ``export_onnx`` writes.
+PRECISIONS = ("fp32", "fp16")
 
 
 def _decoder_wrapper(model: Any) -> Any:
@@ -85,14 +93,19 @@ def _kv_shape(lm: Any) -> tuple[int, int, int]:
 
 
 def export_onnx(model: Any, out_dir: str | os.PathLike[str], *, opset: int = 17,
-                quantize: bool = False) -> dict[str, Any]:
+                quantize: bool = False, precision: str = "fp32") -> dict[str, Any]:
     """Write vision.onnx, decoder.onnx (+ decoder_int8.onnx) and embed_tokens.npy; describe them.
 
     The returned dict (for the future manifest) lists every file and each graph's inputs/outputs with
     their shapes, symbolic axes as names. GPT-2 and Llama LMs (scratch or local pretrained) are supported.
+    ``precision`` is ``fp32`` or ``fp16`` (module docstring); int8 quantization needs fp32.
     """
     import torch
 
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if quantize and precision != "fp32":
+        raise ValueError(f"quantize=True needs precision 'fp32' (int8 from fp32 weights), got {precision!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
@@ -148,6 +161,7 @@ def export_onnx(model: Any, out_dir: str | os.PathLike[str], *, opset: int = 17,
     kv = ["batch", heads, "past", head_dim]
     info: dict[str, Any] = {
         "opset": opset,
+        "precision": precision,
         "lm_type": model.lm.config.model_type,
         "num_visual_tokens": K,
         "d_lm": d_lm,
@@ -176,6 +190,8 @@ def export_onnx(model: Any, out_dir: str | os.PathLike[str], *, opset: int = 17,
         },
         "embed_tokens": {"dtype": "float32", "shape": [vocab, d_lm]},
     }
+    if precision == "fp16":
+        _to_fp16(out, info, present_names)
     if quantize:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -183,6 +199,21 @@ def export_onnx(model: Any, out_dir: str | os.PathLike[str], *, opset: int = 17,
                          weight_type=QuantType.QInt8)
         info["files"]["decoder_int8"] = "decoder_int8.onnx"
     return info
+
+
+def _to_fp16(out: Path, info: dict[str, Any], present_names: list[str]) -> None:
+    """Convert vision.onnx and decoder.onnx in ``out`` to float16 in place; update ``info``'s dtypes."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    keep = {"vision": True, "decoder": ["inputs_embeds", "logits"]}  # float32 at the graph boundary
+    for name, keep_io in keep.items():
+        path = out / info["files"][name]
+        converted = convert_float_to_float16(onnx.load(str(path)), keep_io_types=keep_io)
+        onnx.save(converted, str(path))
+    for kv_name, spec in [*info["decoder"]["inputs"].items(), *info["decoder"]["outputs"].items()]:
+        if kv_name.startswith("past_key_values.") or kv_name in present_names:
+            spec["dtype"] = "float16"
 
 
 def ort_greedy(out_dir: str | os.PathLike[str], images: np.ndarray, prompt_ids: np.ndarray,
