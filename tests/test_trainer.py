@@ -139,6 +139,20 @@ def test_resume_from_a_mid_epoch_checkpoint_ends_with_the_same_weights(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_init_from_starts_at_an_earlier_runs_best_weights(
+        studies: Path, finished_run: tuple[Path, object], tmp_path: Path) -> None:
+    """init_from takes the earlier run's best weights and tokenizer (a site fine-tuning its model)."""
+    run_dir, _ = finished_run
+    cfg = TrainConfig(**{**TINY, "init_from": str(run_dir), "lr": 1e-9, "min_lr": 1e-9, "max_steps": 1})
+    train(studies, tmp_path / "b", cfg, progress=False)
+    assert (tmp_path / "b/tokenizer.json").read_text() == (run_dir / "tokenizer.json").read_text()
+    a, b = _weights(run_dir / "checkpoints/best.pt"), _weights(tmp_path / "b/checkpoints/last.pt")
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    with pytest.raises(TrainConfigError, match="model grid"):
+        train(studies, tmp_path / "c", TrainConfig(**{**TINY, "init_from": str(run_dir), "slices": 6}),
+              progress=False)
+
+
 def test_same_seed_same_weights_other_seed_other_weights(studies: Path, tmp_path: Path) -> None:
     """Fixed seeds make runs repeatable; the seed changes the result."""
     short = {**TINY, "max_steps": 2}

@@ -116,6 +116,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # steps; the epoch end always writes one
     max_steps: int | None = None  # stop early after this many optimizer steps (tests, smoke runs)
     threads: int | None = None  # torch CPU threads; None leaves torch's default
+    init_from: str | None = None  # an earlier RUN_DIR: start from its best weights and tokenizer
     # --- validation and the bundle
     max_new_tokens: int = 200
     eval_batch_size: int = 16
@@ -402,6 +403,10 @@ def _tokenizer(cfg: TrainConfig, run_dir: Path, index: CacheIndex, mix: PromptMi
     path = run_dir / "tokenizer.json"
     if resume and path.exists():
         return load_tokenizer(path)
+    if cfg.init_from:  # continue from an earlier run: its vocabulary comes with its weights
+        tok = load_tokenizer(Path(cfg.init_from))
+        save_tokenizer(tok, run_dir)
+        return tok
     texts = [s.report for s in index.split("train").studies]
     texts += [render_prompt(c) for c in mix.configs]
     tok = train_tokenizer(texts, vocab_size=cfg.vocab_size)
@@ -465,6 +470,11 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
         extra = ckpt["extra"]
         start_step, start_epoch, start_position = ckpt["step"], extra["epoch"], extra["position"]
         best_f1, best_epoch = extra.get("best_f1"), extra.get("best_epoch")
+    elif cfg.init_from:
+        model, _ = load_checkpoint(Path(cfg.init_from) / CHECKPOINTS / BEST, map_location=dev)
+        if model.config.grid_shape != CvitConfig.from_grid(cfg.grid, **model_args).grid_shape:
+            raise TrainConfigError(f"train config init_from = {cfg.init_from!r}: its model grid "
+                                   f"{model.config.grid_shape} differs from this run's {cfg.grid.shape}")
     else:
         model = CvitModel(CvitConfig.from_grid(cfg.grid, **model_args))
     model.to(dev).train()
