@@ -14,6 +14,7 @@ from collections.abc import Callable
 from types import FrameType
 
 from neuroscribe.config import Settings
+from neuroscribe.daemon import systemd
 from neuroscribe.dicom_io.scp import StorageSCP, recover_unrecorded
 from neuroscribe.dicom_io.series import SeriesAssembler
 from neuroscribe.dicom_io.spool import Spool
@@ -46,6 +47,9 @@ class Service:
         self.assembler = SeriesAssembler(self.store, settings.series, settings.selection, clock=clock)
         self._stop = threading.Event()
         self._assembler_thread: threading.Thread | None = None
+        # systemd (daemon/systemd.py): READY/STOPPING/STATUS, and watchdog pings while loops beat.
+        self.systemd = systemd.ServiceNotifier()
+        self.heartbeats = {"series assembler": systemd.Heartbeat.for_loop(settings.series.poll_seconds)}
 
     def start(self) -> tuple[str, int]:
         """Recover, then listen. Returns the SCP's bound (address, port)."""
@@ -60,11 +64,14 @@ class Service:
             target=self._assemble_forever, name="series-assembler", daemon=True
         )
         self._assembler_thread.start()
+        self.systemd.ready(f"Receiving as {self.settings.dicom.ae_title} on {address[0]}:{address[1]}; "
+                           f"{open_series} open series at start", self.heartbeats)
         return address
 
     def _assemble_forever(self) -> None:
         poll = self.settings.series.poll_seconds
         while not self._stop.wait(poll):
+            self.heartbeats["series assembler"].beat()
             try:
                 self.assembler.tick()
             except NeuroScribeError:
@@ -78,10 +85,12 @@ class Service:
             return
         self._stop.set()
         LOG.info("service stopping", active_associations=self.scp.active_associations)
+        self.systemd.stopping(f"Stopping: {self.scp.active_associations} open associations")
         self.scp.stop()
         if self._assembler_thread is not None:
             self._assembler_thread.join(timeout=SHUTDOWN_GRACE_SECONDS)
         self.db.close()
+        self.systemd.close()
         LOG.info("service stopped")
 
     def run_until_signal(self) -> int:
