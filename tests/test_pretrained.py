@@ -46,7 +46,7 @@ def test_gguf_import_gives_a_llama_with_distinct_special_tokens(smollm2_dir: Pat
     config = AutoConfig.from_pretrained(smollm2_dir, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, local_files_only=True)
     assert config.model_type == "llama" and config.vocab_size == 49152
-    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.eos_token == "<|im_end|>"  # noqa: S105 (a token, not a password)
     assert len({tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}) == 3
     text = "Acute left subdural hematoma | 8 mm."
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text

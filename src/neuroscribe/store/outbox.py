@@ -157,6 +157,13 @@ class OutboxStore:
         with self.db.read() as conn:
             return _report_where(conn, reports.c.sr_sop_instance_uid == sr_sop_instance_uid)
 
+    def reports_for_series(self, series_instance_uid: str) -> list[ReportRecord]:
+        """Every report on this source CT series, oldest first (empty if none)."""
+        query = (select(reports).where(reports.c.series_instance_uid == series_instance_uid)
+                 .order_by(reports.c.created_at, reports.c.report_id))
+        with self.db.read() as conn:
+            return [ReportRecord(**row._mapping) for row in conn.execute(query)]
+
     def report_ids(self) -> set[str]:
         """Every report ID (for start-up reconciliation of the reports folder)."""
         with self.db.read() as conn:
