@@ -187,3 +187,36 @@ def test_pretrained_lm_from_local_directory(tmp_path, tokenizer, prompt):
     assert torch.isfinite(out.loss)
     with pytest.raises(FileNotFoundError, match="lm_path"):
         CvitModel(tiny_config(lm="pretrained", lm_path=str(tmp_path / "missing")))
+
+
+def test_vision_pool_keeps_where_a_lesion_is():
+    """With vision_pool=4 the slice encoder sees a bright spot's side; its head reads a 4 x 4 map."""
+    torch.manual_seed(0)
+    model = CvitModel(tiny_config(300, vision_pool=4)).eval()
+    assert model.slice_encoder.head.in_features == 4 * 4 * model.slice_encoder.convs[-3].out_channels
+    left = torch.zeros(1, 3, 32, 32)
+    left[..., 12:20, 2:10] = 1.0
+    right = left.flip(-1)
+    with torch.no_grad():
+        a, b = model.slice_encoder(left), model.slice_encoder(right)
+    assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_token_dropout_noises_report_inputs_only_while_training(tokenizer, prompt):
+    """Training replaces some report input tokens (never prompt tokens or labels); eval changes nothing."""
+    torch.manual_seed(0)
+    model = CvitModel(tiny_config(len(tokenizer), token_dropout=0.5))
+    ids, mask, labels = batch(tokenizer, prompt, REPORTS)
+    seen = []
+    hook = model.lm.get_input_embeddings().register_forward_hook(lambda _m, args, _o: seen.append(args[0]))
+    model.train()(toy_images(), ids, mask, labels)
+    model.eval()(toy_images(), ids, mask, labels)
+    hook.remove()
+    trained, evaluated = seen
+    report = labels != -100
+    assert torch.equal(trained[~report], ids[~report])
+    changed = (trained != ids) & report
+    assert 0.2 < changed.sum() / report.sum() < 0.8
+    assert torch.equal(evaluated, ids)
+    with pytest.raises(ValueError, match="token_dropout"):
+        tiny_config(300, token_dropout=1.0)

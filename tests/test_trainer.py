@@ -153,6 +153,16 @@ def test_init_from_starts_at_an_earlier_runs_best_weights(
               progress=False)
 
 
+def test_vision_lr_scale_speeds_up_the_image_path_only(studies: Path, tmp_path: Path) -> None:
+    """The image path's parameter groups get vision_lr_scale times the language model's rate."""
+    train(studies, tmp_path / "r", TrainConfig(**{**TINY, "vision_lr_scale": 3.0, "max_steps": 1}),
+          progress=False)
+    groups = torch.load(tmp_path / "r/checkpoints/last.pt", weights_only=True)["optimizer"]["param_groups"]
+    lm = {g["lr"] for g in groups if g["lr_scale"] == 1.0}
+    vision = {g["lr"] for g in groups if g["lr_scale"] == 3.0}
+    assert len(lm) == 1 and len(vision) == 1 and vision.pop() == pytest.approx(3 * lm.pop())
+
+
 def test_same_seed_same_weights_other_seed_other_weights(studies: Path, tmp_path: Path) -> None:
     """Fixed seeds make runs repeatable; the seed changes the result."""
     short = {**TINY, "max_steps": 2}

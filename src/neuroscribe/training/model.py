@@ -59,6 +59,9 @@ class CvitConfig:
     vision_width: int = 32  # channels of the first stride-2 conv; doubled each stage up to 8x
     vision_depth: int = 4  # stride-2 stages: 128 px -> 8 px before global pooling
     d_vision: int = 256  # width of slice tokens and of the resampler
+    # Spatial grid kept per slice before the head: 1 = global average pooling (position-blind, so
+    # left and right look alike); 4 keeps a 4 x 4 map, enough to tell sides and lobes apart.
+    vision_pool: int = 1
     max_slices: int = 64  # size of the learned slice-position table; grids may use fewer slices
     # --- perceiver resampler
     num_latents: int = 32  # K visual tokens handed to the LM, whatever the slice count
@@ -77,13 +80,21 @@ class CvitConfig:
     bos_id: int = 1
     eos_id: int = 2
     dropout: float = 0.0  # a site has a few thousand reports at best; raise it when overfitting
+    # Training only: each report token the LM reads (not the labels) is replaced by a random token
+    # with this probability, so the next word cannot be read off the report so far and must come
+    # from the image; otherwise a small LM learns the site's template first and the visual tokens
+    # collapse to a constant (seen with the demo data: identical tokens for every study).
+    token_dropout: float = 0.0
     # --- freezing: frozen parts get requires_grad=False (an optimizer built after sees none of them)
     freeze_lm: bool = False  # the whole LM, embeddings and head included (pretrained LM + adapter)
     freeze_vision: bool = False  # slice encoder + slice positions; resampler and projector still train
 
     def __post_init__(self) -> None:
         """Reject settings that could only fail later, naming the field."""
+        if not 0.0 <= self.token_dropout < 1.0:
+            raise ValueError(f"CvitConfig.token_dropout must be in [0, 1), got {self.token_dropout!r}")
         for name in ("slices", "channels", "height", "width", "vision_width", "vision_depth", "d_vision",
+                     "vision_pool",
                      "max_slices", "num_latents", "resampler_layers", "resampler_heads", "vocab_size",
                      "n_layer", "n_embd", "n_head", "n_positions"):
             value = getattr(self, name)
@@ -138,12 +149,13 @@ class SliceEncoder(nn.Module):
                        nn.GELU()]
             c_in = c_out
         self.convs = nn.Sequential(*layers)
-        self.head = nn.Linear(c_in, cfg.d_vision)
+        self.pool = nn.AdaptiveAvgPool2d(cfg.vision_pool)
+        self.head = nn.Linear(c_in * cfg.vision_pool ** 2, cfg.d_vision)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode slices ``x`` (N, C, H, W) into (N, d_vision)."""
         x = self.convs(x)  # (N, c, H / 2**depth, W / 2**depth)
-        x = x.mean(dim=(2, 3))  # (N, c) global average pooling
+        x = self.pool(x).flatten(1)  # (N, c * pool * pool): a coarse map keeps where things are
         return self.head(x)  # (N, d_vision)
 
 
@@ -274,6 +286,12 @@ class CvitModel(nn.Module):
         B = input_ids.shape[0]  # noqa: N806
         K = self.config.num_latents  # noqa: N806
         visual = self.encode_image(images)  # (B, K, d_lm)
+        if self.training and self.config.token_dropout > 0 and labels is not None:
+            table = self.lm.get_input_embeddings()
+            noisy = (labels != IGNORE_INDEX) & (torch.rand(input_ids.shape, device=input_ids.device)
+                                                < self.config.token_dropout)  # (B, T) report tokens only
+            noise = torch.randint_like(input_ids, table.num_embeddings)
+            input_ids = torch.where(noisy, noise, input_ids)  # the targets (labels) stay as they are
         tokens = self.lm.get_input_embeddings()(input_ids)  # (B, T, d_lm)
         embeds = torch.cat([visual.to(tokens.dtype), tokens], dim=1)  # (B, K + T, d_lm)
         mask = torch.cat([attention_mask.new_ones(B, K), attention_mask], dim=1)  # (B, K + T)

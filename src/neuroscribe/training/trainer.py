@@ -112,6 +112,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 50
     grad_clip: float = 1.0
+    vision_lr_scale: float = 1.0  # lr multiplier for the image path (encoder, resampler, projector)
     seed: int = 0
     checkpoint_every: int = 100  # steps; the epoch end always writes one
     max_steps: int | None = None  # stop early after this many optimizer steps (tests, smoke runs)
@@ -134,7 +135,7 @@ class TrainConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise TrainConfigError(f"train config {key} = {value!r}: must be an integer >= 1")
-        for key in ("lr", "min_lr"):
+        for key in ("lr", "min_lr", "vision_lr_scale"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise TrainConfigError(f"train config {key} = {value!r}: must be a number > 0")
@@ -479,10 +480,14 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
         model = CvitModel(CvitConfig.from_grid(cfg.grid, **model_args))
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    lm_ids = {id(p) for p in model.lm.parameters()}
+    groups = []
+    for in_lm, scale in ((True, 1.0), (False, cfg.vision_lr_scale)):
+        chosen = [p for p in params if (id(p) in lm_ids) == in_lm]
+        groups += [{"params": [p for p in chosen if p.dim() >= 2], "weight_decay": cfg.weight_decay,
+                    "lr_scale": scale},
+                   {"params": [p for p in chosen if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
     if resume:
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(torch.tensor(extra["torch_rng"], dtype=torch.uint8))
@@ -519,7 +524,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
                 chunk = order[position:position + global_batch]
                 mine = chunk[rank::world]
                 for group in optimizer.param_groups:
-                    group["lr"] = _lr(cfg, step, total_steps)
+                    group["lr"] = _lr(cfg, step, total_steps) * group["lr_scale"]
                 if mine:
                     batch = _train_batch(train_split, mine, tokenizer, mix, cfg.seed, epoch,
                                          position + rank, dev, max_positions)
