@@ -220,3 +220,19 @@ def test_token_dropout_noises_report_inputs_only_while_training(tokenizer, promp
     assert torch.equal(evaluated, ids)
     with pytest.raises(ValueError, match="token_dropout"):
         tiny_config(300, token_dropout=1.0)
+
+
+def test_feature_norm_is_batch_independent_at_inference():
+    """feature_norm standardises over the batch while training and uses running statistics after."""
+    torch.manual_seed(0)
+    model = CvitModel(tiny_config(300, feature_norm=True))
+    images = toy_images()
+    model.train()
+    model.encode_image(images)  # updates the running statistics
+    model.encode_image(images[:1])  # one study while training: running statistics, no error
+    model.eval()
+    with torch.no_grad():
+        both = model.encode_image(images)
+        alone = model.encode_image(images[1:])
+    assert torch.allclose(both[1:], alone, atol=1e-5)
+    assert model.feature_norm.num_batches_tracked.item() == 1

@@ -62,6 +62,11 @@ class CvitConfig:
     # Spatial grid kept per slice before the head: 1 = global average pooling (position-blind, so
     # left and right look alike); 4 keeps a 4 x 4 map, enough to tell sides and lobes apart.
     vision_pool: int = 1
+    # Standardise each slice feature across the studies of a batch, per slice position (a BatchNorm
+    # over B on (S x d_vision) features; running statistics at inference). It removes what every
+    # head shares at that level (normal anatomy) and leaves what differs between studies, which is
+    # otherwise a few percent of the signal and easy for the language model to ignore.
+    feature_norm: bool = False
     max_slices: int = 64  # size of the learned slice-position table; grids may use fewer slices
     # --- perceiver resampler
     num_latents: int = 32  # K visual tokens handed to the LM, whatever the slice count
@@ -102,6 +107,12 @@ class CvitConfig:
                 raise ValueError(f"CvitConfig.{name} must be a positive int, got {value!r}")
         if self.slices > self.max_slices:
             raise ValueError(f"CvitConfig.slices ({self.slices}) exceeds max_slices ({self.max_slices})")
+        side = min(self.height, self.width)
+        for _ in range(self.vision_depth):
+            side = (side + 1) // 2
+        if self.vision_pool > 1 and (self.height != self.width or side % self.vision_pool):
+            raise ValueError(f"CvitConfig.vision_pool ({self.vision_pool}) must divide the slice encoder's "
+                             f"{side} x {side} map (square images, side / 2**vision_depth)")
         if self.d_vision % self.resampler_heads:
             raise ValueError(f"CvitConfig.d_vision ({self.d_vision}) must be divisible by "
                              f"resampler_heads ({self.resampler_heads})")
@@ -149,13 +160,19 @@ class SliceEncoder(nn.Module):
                        nn.GELU()]
             c_in = c_out
         self.convs = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(cfg.vision_pool)
+        side = min(cfg.height, cfg.width)
+        for _ in range(cfg.vision_depth):
+            side = (side + 1) // 2  # each stride-2 conv (kernel 3, padding 1) halves, rounding up
+        # a fixed average pooling to a vision_pool x vision_pool map (the ONNX exporter cannot trace
+        # adaptive pooling of a symbolic size); 1 means global average pooling
+        self.pool = nn.AvgPool2d(side // cfg.vision_pool) if cfg.vision_pool > 1 else None
         self.head = nn.Linear(c_in * cfg.vision_pool ** 2, cfg.d_vision)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Encode slices ``x`` (N, C, H, W) into (N, d_vision)."""
         x = self.convs(x)  # (N, c, H / 2**depth, W / 2**depth)
-        x = self.pool(x).flatten(1)  # (N, c * pool * pool): a coarse map keeps where things are
+        # (N, c) global average pooling, or (N, c * pool * pool): a coarse map keeps where things are
+        x = x.mean(dim=(2, 3)) if self.pool is None else self.pool(x).flatten(1)
         return self.head(x)  # (N, d_vision)
 
 
@@ -236,6 +253,7 @@ class CvitModel(nn.Module):
         super().__init__()
         self.config = config
         self.slice_encoder = SliceEncoder(config)
+        self.feature_norm = nn.BatchNorm1d(config.slices * config.d_vision) if config.feature_norm else None
         self.slice_pos = nn.Embedding(config.max_slices, config.d_vision)
         nn.init.normal_(self.slice_pos.weight, std=0.02)
         self.resampler = PerceiverResampler(config)
@@ -263,6 +281,14 @@ class CvitModel(nn.Module):
         B, S, C, H, W = images.shape  # noqa: N806 (shape names)
         x = self.slice_encoder(images.reshape(B * S, C, H, W))  # (B*S, d_vision) one CNN for all slices
         x = x.reshape(B, S, -1)  # (B, S, d_vision)
+        if self.feature_norm is not None:  # per (slice, feature) over the batch
+            norm, flat = self.feature_norm, x.reshape(B, -1)  # (B, S * d_vision)
+            if self.training and B == 1:  # one study has no batch statistics: use the running ones
+                flat = F.batch_norm(flat, norm.running_mean, norm.running_var, norm.weight, norm.bias,
+                                    training=False, eps=norm.eps)
+            else:
+                flat = norm(flat)
+            x = flat.reshape(B, S, -1)  # (B, S, d_vision)
         x = x + self.slice_pos(torch.arange(S, device=images.device))  # (B, S, d_vision)
         x = self.resampler(x)  # (B, K, d_vision)
         return self.projector(x)  # (B, K, d_lm)
