@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from neuroscribe.argtypes import non_negative_int, positive_int
 from neuroscribe.config import Settings
 
 #: First line of every report the command prints.
@@ -26,18 +27,6 @@ def notice(synthetic: bool) -> str:
     return f"{NOTICE} {SYNTHETIC_NOTICE}" if synthetic else NOTICE
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,18 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("series", type=Path, metavar="SERIES_DIR",
                         help="folder holding one CT series (one DICOM file per slice)")
     parser.add_argument("--model", type=Path, required=True, metavar="BUNDLE", help="model bundle folder")
-    parser.add_argument("--beams", type=_positive, default=1, help="beam width; 1 is greedy (default 1)")
+    parser.add_argument("--beams", type=positive_int, default=1, help="beam width; 1 is greedy (default 1)")
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam ranking: logprob / length ** this (default 1.0)")
-    parser.add_argument("--max-new-tokens", type=_positive,
+    parser.add_argument("--max-new-tokens", type=positive_int,
                         help="length limit (default: the bundle's; never past its max_positions)")
-    parser.add_argument("--no-repeat-ngram", type=_non_negative, default=0, metavar="N",
+    parser.add_argument("--no-repeat-ngram", type=non_negative_int, default=0, metavar="N",
                         help="ban repeating any N-gram of the report (default 0: off)")
     parser.add_argument("--device", default="auto",
                         help="auto (GPU if it starts, else CPU), cpu, cuda or cuda:N (default auto)")
     parser.add_argument("--decoder", default="decoder",
                         help="decoder graph: decoder or decoder_int8 (default decoder)")
-    parser.add_argument("--threads", type=_positive, help="ONNX Runtime intra-op threads (default: all)")
+    parser.add_argument("--threads", type=positive_int, help="ONNX Runtime intra-op threads (default: all)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (notice, report, figures) instead of text")
 

@@ -5,14 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from neuroscribe.argtypes import positive_int
 from neuroscribe.config import Settings
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,11 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="TOML file of training settings (docs/training.md); flags below override it")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--epochs", type=_positive)
-    parser.add_argument("--batch-size", type=_positive)
+    parser.add_argument("--epochs", type=positive_int)
+    parser.add_argument("--batch-size", type=positive_int)
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--max-steps", type=_positive, help="stop after this many optimizer steps")
-    parser.add_argument("--workers", type=_positive, help="processes decoding series into the cache")
+    parser.add_argument("--max-steps", type=positive_int, help="stop after this many optimizer steps")
+    parser.add_argument("--workers", type=positive_int, help="processes decoding series into the cache")
     parser.add_argument("--cache-dir", type=Path,
                         help="decoded-series cache to share between runs (default RUN_DIR/cache)")
     parser.add_argument("--device", help="torch device (default: cuda when present, else cpu)")
