@@ -1,4 +1,6 @@
-"""Shared fixtures: a real ``neuroscribe serve`` process on loopback and DCMTK as the scanner."""
+"""Shared fixtures: a real ``neuroscribe serve`` process on loopback and DCMTK as the scanner;
+the real peers it delivers to (Orthanc as the PACS, hl7apy's MLLPServer as the RIS).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +9,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,18 +26,13 @@ from pynetdicom.presentation import build_context
 
 from neuroscribe.dicom_io.constants import ACCEPTED_TRANSFER_SYNTAXES
 from neuroscribe.store import Database, SeriesRow, SeriesState, StateStore
+from tests.orthanc import Orthanc
+from tests.peers import Ris, free_port
 
 #: Environment for DCMTK tools: without TCP_NODELAY both ends stall ~45 ms per image on loopback.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 SERVER_AE = "NEUROSCRIBE"
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def require_tool(name: str) -> str:
@@ -263,3 +259,54 @@ def server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
 def server(server_factory: ServerFactory) -> Server:
     """A running server with test defaults (1.5 s quiet period, at least 4 slices)."""
     return server_factory().start()
+
+
+@pytest.fixture
+def isolated_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """No NEUROSCRIBE_* variable of the shell; storage under tmp_path (the CLI finds it there).
+
+    Yields the storage root (``NEUROSCRIBE_STORAGE__ROOT``); logging is put back as it was afterwards.
+    """
+    for name in list(os.environ):
+        if name.startswith("NEUROSCRIBE_"):
+            monkeypatch.delenv(name)
+    root = tmp_path / "root"
+    monkeypatch.setenv("NEUROSCRIBE_STORAGE__ROOT", str(root))
+    with logging_restored():
+        yield root
+
+
+# -- real peers: Orthanc as the PACS, hl7apy's MLLPServer as the RIS ------------------------------
+
+OrthancFactory = Callable[..., Orthanc]
+
+
+@pytest.fixture
+def orthanc_factory(tmp_path: Path) -> Iterator[OrthancFactory]:
+    """Make (not start) Orthanc peers under tmp_path; all are killed at the end."""
+    made: list[Orthanc] = []
+
+    def make(**options: object) -> Orthanc:
+        orthanc = Orthanc(root=tmp_path / f"orthanc{len(made)}", **options)  # type: ignore[arg-type]
+        made.append(orthanc)
+        return orthanc
+
+    yield make
+    for orthanc in made:
+        orthanc.kill()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    """One running Orthanc shared by the module's tests (each test uses fresh UIDs)."""
+    server = Orthanc(root=tmp_path_factory.mktemp("orthanc")).start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def ris() -> Iterator[Ris]:
+    """A running RIS (:class:`tests.peers.Ris`) on an ephemeral loopback port; it answers AA unless
+    the test sets its ``script``."""
+    with Ris() as server:
+        yield server

@@ -6,7 +6,7 @@ Orthanc 1.10 (Debian ``orthanc``) has no bind-address option: its DICOM and HTTP
 * HTTP: ``RemoteAccessAllowed`` false, so the REST API answers 127.0.0.1 clients only;
 * DICOM: ``DicomAlwaysAllowEcho``/``DicomAlwaysAllowStore`` false and ``DicomCheckModalityHost``
   true, so only the AE titles listed in ``DicomModalities`` *from 127.0.0.1* may echo or store;
-* ports come from :func:`tests.conftest.free_port`, never the defaults 4242/8042.
+* ports come from :func:`tests.peers.free_port`, never the defaults 4242/8042.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port
+from tests.peers import LOOPBACK, free_port
 
 #: Where the Debian package installs the server; ``./run test`` installs the package.
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 ORTHANC_AET = "ORTHANC"
-LOOPBACK = "127.0.0.1"
 
 
 def orthanc_binary() -> str:

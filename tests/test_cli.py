@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,21 +11,15 @@ from sqlalchemy import text
 from neuroscribe import __version__
 from neuroscribe.cli import main
 from neuroscribe.store import Database
-from tests.conftest import free_port, logging_restored
+from tests.conftest import free_port
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Storage under tmp_path, a free port, no disk floor; logging as it was afterwards."""
-    for name in list(os.environ):
-        if name.startswith("NEUROSCRIBE_"):
-            monkeypatch.delenv(name)
-    root = tmp_path / "root"
-    monkeypatch.setenv("NEUROSCRIBE_STORAGE__ROOT", str(root))
+def _isolated(isolated_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Storage under tmp_path (conftest's isolated_root), a free port, no disk floor."""
     monkeypatch.setenv("NEUROSCRIBE_DICOM__PORT", str(free_port()))
     monkeypatch.setenv("NEUROSCRIBE_STORAGE__MIN_FREE_BYTES", "0")
-    with logging_restored():
-        yield root
+    return isolated_root
 
 
 def _lines(out: str) -> dict[str, str]:

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import random
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -21,10 +20,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from hl7apy.core import Message  # noqa: E402
-from hl7apy.mllp import AbstractHandler, MLLPServer  # noqa: E402
-from hl7apy.parser import parse_message  # noqa: E402
-
 from neuroscribe.config import Settings, load_settings  # noqa: E402
 from neuroscribe.dicom_io import scu  # noqa: E402
 from neuroscribe.dicom_io.model_input import ModelGrid, series_to_input  # noqa: E402
@@ -33,7 +28,7 @@ from neuroscribe.inference.engine import Engine  # noqa: E402
 from neuroscribe.log import configure_logging  # noqa: E402
 from neuroscribe.reporting.draft import DISCLAIMER, split_report  # noqa: E402
 from neuroscribe.reporting.drafting import DraftError, draft_report, sr_uids_for  # noqa: E402
-from neuroscribe.reporting.hl7 import ORU_MESSAGE_TYPE, parse_oru, unescape  # noqa: E402
+from neuroscribe.reporting.hl7 import parse_oru, unescape  # noqa: E402
 from neuroscribe.reporting.outbox import Outbox  # noqa: E402
 from neuroscribe.store import Database, Destination, DestinationKind, OutboxState  # noqa: E402
 from neuroscribe.training.bundle import build_bundle  # noqa: E402
@@ -44,6 +39,7 @@ from neuroscribe.training.tokenizer import train_tokenizer  # noqa: E402
 from tests.conftest import free_port, logging_restored  # noqa: E402
 from tests.cvit_toys import batch, tiny_config, toy_images  # noqa: E402
 from tests.orthanc import LOOPBACK, Orthanc  # noqa: E402
+from tests.peers import Ris  # noqa: E402
 
 GRID = ModelGrid(slices=4, height=32, width=32)  # tiny_config's grid
 DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "demo" / "bundle"
@@ -60,55 +56,7 @@ PACS = Destination(DestinationKind.PACS, "main")
 RIS = Destination(DestinationKind.RIS, "ris")
 
 
-# -- peers (the pattern of tests/test_outbox.py) ---------------------------------------------------
-
-
-@dataclass
-class Ris:
-    """The MLLP RIS: the ORUs it received; it answers every one with AA."""
-
-    port: int
-    received: list[str] = field(default_factory=list)
-
-
-class OruHandler(AbstractHandler):
-    """Records each ORU and acknowledges its MSH-10 with AA."""
-
-    def __init__(self, message: str, ris: Ris) -> None:
-        super().__init__(message)
-        self.ris = ris
-
-    def reply(self) -> str:
-        """An MLLP-framed AA built with hl7apy."""
-        self.ris.received.append(self.incoming_message)
-        incoming = parse_message(self.incoming_message)
-        ack = Message("ACK", version="2.5.1")
-        ack.msh.msh_3, ack.msh.msh_9, ack.msh.msh_11 = "RIS", "ACK^R01^ACK", "P"
-        ack.msh.msh_10 = f"ACK{len(self.ris.received)}"
-        ack.msa.msa_1, ack.msa.msa_2 = "AA", incoming.msh.msh_10.to_er7()
-        return str(ack.to_mllp())
-
-
-@pytest.fixture
-def ris() -> Iterator[Ris]:
-    """hl7apy's MLLPServer on an ephemeral loopback port."""
-    state = Ris(port=0)
-    server = MLLPServer(LOOPBACK, 0, {ORU_MESSAGE_TYPE: (OruHandler, state)}, timeout=5)
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    """One Orthanc for the module (each test writes its own study)."""
-    server = Orthanc(root=tmp_path_factory.mktemp("orthanc")).start()
-    yield server
-    server.kill()
+# -- peers (Orthanc and the RIS come from conftest.py) ---------------------------------------------
 
 
 def sr_file(orthanc: Orthanc, orthanc_id: str) -> pydicom.Dataset:

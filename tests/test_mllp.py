@@ -6,18 +6,15 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import pytest
-from hl7apy.core import Message
-from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
 from structlog.testing import capture_logs
 
 from neuroscribe.reporting.draft import DraftReport, ModelIdentity
-from neuroscribe.reporting.hl7 import ORU_MESSAGE_TYPE, OruOptions, Outcome, build_oru, unescape
+from neuroscribe.reporting.hl7 import OruOptions, Outcome, build_oru, unescape
 from neuroscribe.reporting.mllp import (
     MllpConnectionError,
     MllpProtocolError,
@@ -26,64 +23,10 @@ from neuroscribe.reporting.mllp import (
     frame,
     send_message,
 )
+from tests.peers import PHI_TEXT, Ris, free_port
 
 CONTROL_ID = "NS0001"
 NOW = datetime(2026, 11, 29, 11, 0, tzinfo=UTC)
-#: Free text a RIS might put in MSA-3: it echoes patient data and must never reach a reason or log.
-PHI_TEXT = "Unknown patient DOE, JANE (P-0042)"
-
-
-@dataclass
-class Ris:
-    """What the fake RIS answers (one code per message, AA when the script runs out) and what it got."""
-
-    port: int
-    script: list[str] = field(default_factory=list)
-    received: list[str] = field(default_factory=list)
-
-
-class OruHandler(AbstractHandler):
-    """Records the ORU and answers with the next scripted ACK, built with hl7apy."""
-
-    def __init__(self, message: str, ris: Ris) -> None:
-        super().__init__(message)
-        self.ris = ris
-
-    def reply(self) -> str:
-        """An MLLP-framed ACK (or garbage when the script says so)."""
-        self.ris.received.append(self.incoming_message)
-        action = self.ris.script.pop(0) if self.ris.script else "AA"
-        if action == "GARBAGE":
-            return "HELLO, THIS IS NOT MLLP\r\n"
-        if action == "NOT_HL7":
-            return "\x0bnot an ack at all\x1c\r"
-        incoming = parse_message(self.incoming_message)
-        ack = Message("ACK", version="2.5.1")
-        ack.msh.msh_3 = "RIS"
-        ack.msh.msh_5 = incoming.msh.msh_3.to_er7()
-        ack.msh.msh_9 = "ACK^R01^ACK"
-        ack.msh.msh_10 = f"ACK{len(self.ris.received)}"
-        ack.msh.msh_11 = "P"
-        code, _, control_id = action.partition(":")
-        ack.msa.msa_1 = code
-        ack.msa.msa_2 = control_id or incoming.msh.msh_10.to_er7()
-        if code != "AA":
-            ack.msa.msa_3 = PHI_TEXT
-        return str(ack.to_mllp())
-
-
-@pytest.fixture
-def ris() -> Iterator[Ris]:
-    """hl7apy's MLLPServer on an ephemeral loopback port, routing ORU^R01^ORU_R01 to OruHandler."""
-    state = Ris(port=0)
-    server = MLLPServer("127.0.0.1", 0, {ORU_MESSAGE_TYPE: (OruHandler, state)}, timeout=5)
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
 
 
 @pytest.fixture
@@ -139,13 +82,6 @@ def raw_peer() -> Iterator[Callable[[bytes], int]]:
         listener.close()
 
 
-def closed_port() -> int:
-    """A loopback port nobody listens on."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class TestSendMessage:
     """send_message() and framing."""
 
@@ -173,7 +109,7 @@ class TestSendMessage:
     def test_refused(self, er7: str) -> None:
         """Nobody listening raises MllpConnectionError."""
         with pytest.raises(MllpConnectionError, match="cannot connect"):
-            send_message("127.0.0.1", closed_port(), er7, timeout=2)
+            send_message("127.0.0.1", free_port(), er7, timeout=2)
 
     @pytest.mark.parametrize("answer", [
         b"HTTP/1.1 400 Bad Request\r\n\r\n",
@@ -193,7 +129,7 @@ class TestSendMessage:
     def test_unencodable(self, er7: str) -> None:
         """A message the charset cannot carry fails before connecting."""
         with pytest.raises(UnicodeEncodeError):
-            send_message("127.0.0.1", closed_port(), er7, timeout=1, encoding="ascii")
+            send_message("127.0.0.1", free_port(), er7, timeout=1, encoding="ascii")
 
 
 class TestDeliver:
@@ -251,15 +187,15 @@ class TestDeliver:
 
     def test_refused_retry(self, er7: str) -> None:
         """Connection refused: retry later."""
-        result = deliver("127.0.0.1", closed_port(), er7, CONTROL_ID, timeout=2)
+        result = deliver("127.0.0.1", free_port(), er7, CONTROL_ID, timeout=2)
         assert result.outcome is Outcome.RETRY and "MllpConnectionError" in result.reason
 
     def test_unencodable_dead(self, er7: str) -> None:
         """A message the charset cannot carry is dead: resending cannot help."""
-        result = deliver("127.0.0.1", closed_port(), er7, CONTROL_ID, timeout=1, encoding="ascii")
+        result = deliver("127.0.0.1", free_port(), er7, CONTROL_ID, timeout=1, encoding="ascii")
         assert result.outcome is Outcome.DEAD
 
     def test_control_id_must_match_message(self, er7: str) -> None:
         """The control ID to match must be the message's own MSH-10."""
         with pytest.raises(ValueError, match="MSH-10"):
-            deliver("127.0.0.1", closed_port(), er7, "OTHER", timeout=1)
+            deliver("127.0.0.1", free_port(), er7, "OTHER", timeout=1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import random
 import threading
 import time
@@ -17,9 +16,6 @@ from typing import Any
 
 import pydicom
 import pytest
-from hl7apy.core import Message
-from hl7apy.mllp import AbstractHandler, MLLPServer
-from hl7apy.parser import parse_message
 from pydicom.dataset import Dataset
 
 from neuroscribe.cli import main
@@ -30,7 +26,7 @@ from neuroscribe.errors import ConfigError, StoreError
 from neuroscribe.log import configure_logging
 from neuroscribe.reporting import outbox as outbox_module
 from neuroscribe.reporting.draft import DraftReport, ModelIdentity
-from neuroscribe.reporting.hl7 import ORU_MESSAGE_TYPE, OruOptions, build_oru, control_id_of, is_control_id
+from neuroscribe.reporting.hl7 import OruOptions, build_oru, control_id_of, is_control_id
 from neuroscribe.reporting.outbox import (
     ER7_FILE_NAME,
     SR_FILE_NAME,
@@ -42,8 +38,9 @@ from neuroscribe.reporting.outbox import (
 )
 from neuroscribe.reporting.sr import build_sr
 from neuroscribe.store import Database, Destination, DestinationKind, OutboxState, OutboxStore
-from tests.conftest import free_port, logging_restored
+from tests.conftest import OrthancFactory, free_port
 from tests.orthanc import LOOPBACK, Orthanc
+from tests.peers import Ris
 
 MODEL = ModelIdentity(name="neuroscribe-demo-cvit", version="2026.11.29",
                       uid="1.2.826.0.1.3680043.8.498.4242")
@@ -52,76 +49,11 @@ PATIENT_NAME = "DOE^JANE^SECRET"
 PATIENT_ID = "PID-SECRET-42"
 ACCESSION = "ACC-SECRET-7"
 FINDINGS = "Hyperdense focus in the left basal ganglia."
-#: What the fake RIS writes into MSA-3: it echoes patient data and must reach no reason or log.
-PHI_TEXT = "Unknown patient DOE, JANE (PID-SECRET-42)"
 #: Backoff of the tests: 60 s, doubling, capped at 1 h, 10 % jitter; dead letters after 1 day.
 POLICY = {"backoff_base_seconds": 60.0, "backoff_factor": 2.0, "backoff_ceiling_seconds": 3600.0,
           "jitter": 0.1, "dead_letter_after_seconds": 86400.0, "poll_seconds": 0.05}
 PACS = Destination(DestinationKind.PACS, "main")
 RIS = Destination(DestinationKind.RIS, "ris")
-
-
-# -- peers -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Ris:
-    """What the fake RIS answers (one ACK code per message; AA when the script runs out) and got."""
-
-    port: int
-    script: list[str] = field(default_factory=list)
-    received: list[str] = field(default_factory=list)
-
-
-class OruHandler(AbstractHandler):
-    """Records each ORU and answers with the next scripted ACK code, built with hl7apy."""
-
-    def __init__(self, message: str, ris: Ris) -> None:
-        super().__init__(message)
-        self.ris = ris
-
-    def reply(self) -> str:
-        """An MLLP-framed ACK that acknowledges the message's MSH-10."""
-        self.ris.received.append(self.incoming_message)
-        code = self.ris.script.pop(0) if self.ris.script else "AA"
-        incoming = parse_message(self.incoming_message)
-        ack = Message("ACK", version="2.5.1")
-        ack.msh.msh_3, ack.msh.msh_9, ack.msh.msh_11 = "RIS", "ACK^R01^ACK", "P"
-        ack.msh.msh_10 = f"ACK{len(self.ris.received)}"
-        ack.msa.msa_1, ack.msa.msa_2 = code, incoming.msh.msh_10.to_er7()
-        if code != "AA":
-            ack.msa.msa_3 = PHI_TEXT
-        return str(ack.to_mllp())
-
-
-@pytest.fixture
-def ris() -> Iterator[Ris]:
-    """hl7apy's MLLPServer on an ephemeral loopback port."""
-    state = Ris(port=0)
-    server = MLLPServer(LOOPBACK, 0, {ORU_MESSAGE_TYPE: (OruHandler, state)}, timeout=5)
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield state
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    """One running Orthanc shared by the module's tests (each report has fresh UIDs)."""
-    server = Orthanc(root=tmp_path_factory.mktemp("orthanc")).start()
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def own_orthanc(tmp_path: Path) -> Iterator[Orthanc]:
-    """An Orthanc of this test alone, started; the test may stop and restart it."""
-    server = Orthanc(root=tmp_path / "orthanc").start()
-    yield server
-    server.kill()
 
 
 # -- service side ----------------------------------------------------------------------------------
@@ -138,15 +70,9 @@ class Clock:
 
 
 @pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """No NEUROSCRIBE_* variable of the shell; storage under tmp_path (the CLI finds it there)."""
-    for name in list(os.environ):
-        if name.startswith("NEUROSCRIBE_"):
-            monkeypatch.delenv(name)
-    root = tmp_path / "root"
-    monkeypatch.setenv("NEUROSCRIBE_STORAGE__ROOT", str(root))
-    with logging_restored():
-        yield root
+def _isolated(isolated_root: Path) -> Path:
+    """Every test: no NEUROSCRIBE_* variable of the shell, storage under tmp_path (conftest)."""
+    return isolated_root
 
 
 def settings_for(root: Path, *, pacs_port: int | None = None, ris_port: int | None = None,
@@ -515,10 +441,11 @@ class TestDelivery:
         assert outbox.deliver_due() == []
 
     def test_pacs_down_then_back_gets_the_sr_once(
-        self, _isolated: Path, own_orthanc: Orthanc, make_report: Callable[[], Made],
+        self, _isolated: Path, orthanc_factory: OrthancFactory, make_report: Callable[[], Made],
         outbox_for: Callable[..., Outbox],
     ) -> None:
         """PACS down: RETRY with growing backoff; back up: delivered once, same SOP Instance UID."""
+        own_orthanc = orthanc_factory().start()  # this test's alone: it stops and restarts it
         clock = Clock()
         outbox = outbox_for(settings_for(_isolated, pacs_port=own_orthanc.dicom_port), clock)
         made = make_report()

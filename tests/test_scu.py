@@ -35,7 +35,7 @@ from neuroscribe.dicom_io.scu import (
 )
 from neuroscribe.dicom_io.writer import CtSeriesSpec, write_ct_series
 from neuroscribe.log import configure_logging
-from tests.conftest import free_port, logging_restored
+from tests.conftest import OrthancFactory, free_port, logging_restored
 from tests.orthanc import LOOPBACK, ORTHANC_AET, Orthanc
 
 #: Short timeouts: everything is on loopback, and the failure tests wait for them.
@@ -44,8 +44,6 @@ PATIENT_NAME = "DOE^JANE^SECRET"
 PATIENT_ID = "PID-SECRET-42"
 PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.9.9999.1"  # a storage class no PACS knows
 SR_CLASSES = (BasicTextSRStorage, EnhancedSRStorage, ComprehensiveSRStorage)
-
-OrthancFactory = Callable[..., Orthanc]
 
 
 def small_ct(**changes: object) -> CtSeriesSpec:
@@ -105,32 +103,6 @@ def peer_of(orthanc: Orthanc, **changes: object) -> PacsPeer:
 def down_peer() -> PacsPeer:
     """A peer on a loopback port where nothing listens."""
     return PacsPeer(ORTHANC_AET, LOOPBACK, free_port())
-
-
-# -- fixtures (orthanc_factory and orthanc belong in conftest.py once other modules need a PACS) --
-
-
-@pytest.fixture
-def orthanc_factory(tmp_path: Path) -> Iterator[OrthancFactory]:
-    """Make (not start) Orthanc peers under tmp_path; all are killed at the end."""
-    made: list[Orthanc] = []
-
-    def make(**options: object) -> Orthanc:
-        orthanc = Orthanc(root=tmp_path / f"orthanc{len(made)}", **options)  # type: ignore[arg-type]
-        made.append(orthanc)
-        return orthanc
-
-    yield make
-    for orthanc in made:
-        orthanc.kill()
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
-    """One running Orthanc shared by the module's tests (each test uses fresh UIDs)."""
-    server = Orthanc(root=tmp_path_factory.mktemp("orthanc")).start()
-    yield server
-    server.kill()
 
 
 # -- peer settings ---------------------------------------------------------------------------------

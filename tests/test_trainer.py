@@ -32,8 +32,8 @@ TINY = dict(slices=8, height=32, width=32, epochs=2, batch_size=4, vocab_size=40
             max_new_tokens=40, eval_batch_size=8, captioning=False, threads=1, warmup_steps=2,
             styles={"plain": 1.0, "template": 1.0, "keyword": 1.0, "in-context": 1.0},
             inference_style="template", synthetic=True, name="test-cvit", version="0.0.1",
-            model=dict(vision_width=8, vision_depth=3, d_vision=32, max_slices=8, num_latents=4, vision_pool=2,
-                       feature_norm=True,
+            model=dict(vision_width=8, vision_depth=3, d_vision=32, max_slices=8, num_latents=4,
+                       vision_pool=2, feature_norm=True,
                        resampler_layers=1, resampler_heads=2, n_layer=2, n_embd=32, n_head=2,
                        n_positions=1024))
 
