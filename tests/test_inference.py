@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import structlog
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -325,6 +326,8 @@ def test_a_silent_cuda_fallback_is_detected(toy: dict[str, Any], monkeypatch: py
         pytest.skip("this onnxruntime has CUDA: the fallback is simulated only on a CPU build")
     monkeypatch.setattr(engine_module, "available_providers", lambda: [CUDA, CPU])
     with capture_logs() as logs:
+        # a fresh logger proxy: the module's own may be cached by an earlier test (cache_logger_on_first_use)
+        monkeypatch.setattr(engine_module, "LOG", structlog.get_logger(engine_module.__name__))
         engine = Engine.load(toy["bundle"].path, device="auto", warmup=False)
     assert engine.providers == [CPU] and engine.device == "cpu"
     assert engine.fallback_reason and CUDA in engine.fallback_reason
