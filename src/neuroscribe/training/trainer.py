@@ -150,7 +150,8 @@ class TrainConfig:
                 raise TrainConfigError(f"train config styles: {style!r} is not one of "
                                        f"{[s.value for s in InstructionStyle]}") from None
         try:
-            self.prompt_mix(["Findings:\nx\nImpression:\ny", "Findings:\nz\nImpression:\nw"])
+            stand_ins = [f"Findings:\nexample {i}\nImpression:\nnone" for i in range(self.n_examples + 1)]
+            self.prompt_mix(stand_ins)  # checks styles and inference_style before any data is read
         except NeuroScribeError as exc:
             raise TrainConfigError(f"train config styles/inference_style: {exc}") from exc
         known = {f.name for f in dataclasses.fields(CvitConfig)}
