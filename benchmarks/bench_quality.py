@@ -28,7 +28,12 @@ from pathlib import Path
 
 from neuroscribe.inference.bundle import load_bundle
 from neuroscribe.training.dataset import SplitSpec, load_manifest
-from neuroscribe.training.evaluate_bundle import bundle_reports, heldout_split, score_reports
+from neuroscribe.training.evaluate_bundle import (
+    bundle_reports,
+    heldout_split,
+    score_reports,
+    training_split_spec,
+)
 from neuroscribe.training.prompts import PromptMix, render_prompt
 from neuroscribe.training.synth import generate_dataset
 from neuroscribe.training.tokenizer import encode_prompt, load_tokenizer
@@ -47,9 +52,8 @@ def _dataset(profile: str, studies: int, workers: int) -> Path:
     return folder
 
 
-def _most_common_report(train_data: Path) -> str:
+def _most_common_report(train_data: Path, spec: SplitSpec) -> str:
     """The most frequent report text among the training split's studies (the baseline's answer)."""
-    spec = SplitSpec()
     from neuroscribe.training.dataset import assign_split
 
     reports = [e.report for e in load_manifest(train_data) if assign_split(e.patient_id, spec) == "train"]
@@ -86,7 +90,7 @@ def main() -> int:
 
     baseline_text = None
     if args.train_data is not None:
-        baseline_text = _most_common_report(args.train_data)
+        baseline_text = _most_common_report(args.train_data, training_split_spec(bundle))
         results["baseline_report"] = baseline_text
 
     header = (f"{'':<28} {'FORTE':>5}  {'deg':>5}  {'land':>5}  {'feat':>5}  {'impr':>5}  {'B-1':>5}  "

@@ -20,7 +20,8 @@ import numpy as np
 from neuroscribe.inference.bundle import Bundle
 from neuroscribe.training.dataset import CachedSplit, ModelGrid, SplitSpec, build_cache, load_manifest
 
-__all__ = ["bundle_reports", "heldout_digest", "heldout_scores", "heldout_split", "score_reports"]
+__all__ = ["bundle_reports", "heldout_digest", "heldout_scores", "heldout_split", "score_reports",
+           "training_split_spec"]
 
 
 def score_reports(references: Sequence[str], candidates: Sequence[str], ids: Sequence[str], *,
@@ -71,13 +72,17 @@ def bundle_reports(bundle: Bundle, split: CachedSplit, *, prompt_ids: Sequence[i
     return reports
 
 
+def training_split_spec(bundle: Bundle) -> SplitSpec:
+    """The patient split the bundle was trained with (its manifest), or the default one."""
+    recorded = (bundle.manifest.get("training") or {}).get("split")
+    return SplitSpec.from_dict(recorded) if recorded else SplitSpec()
+
+
 def heldout_split(bundle: Bundle, data: str | os.PathLike[str], cache_dir: str | os.PathLike[str], *,
                   split: str = "test", spec: SplitSpec | None = None, workers: int = 1) -> CachedSplit:
     """The held-out studies of ``data`` on the bundle's grid (split spec: the bundle's training one)."""
     grid = ModelGrid.from_dict(bundle.manifest["input"])
-    if spec is None:
-        recorded = (bundle.manifest.get("training") or {}).get("split")
-        spec = SplitSpec.from_dict(recorded) if recorded else SplitSpec()
+    spec = training_split_spec(bundle) if spec is None else spec
     index = build_cache(load_manifest(Path(data)), cache_dir, grid, split_spec=spec, workers=workers)
     return index.split(split)
 
@@ -89,8 +94,7 @@ def heldout_scores(bundles: Sequence[Bundle], data: str | os.PathLike[str], *, w
 
     The split spec is the first bundle's (the candidate's), so every bundle is scored on one set.
     """
-    first = (bundles[0].manifest.get("training") or {}).get("split")
-    spec = SplitSpec.from_dict(first) if first else SplitSpec()
+    spec = training_split_spec(bundles[0])
     results = []
     with tempfile.TemporaryDirectory(prefix="neuroscribe-heldout-") as tmp:
         for i, bundle in enumerate(bundles):
