@@ -290,7 +290,7 @@ def test_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     """A database made before the outbox (schema 1) gains the outbox tables and keeps its rows."""
     from sqlalchemy import create_engine, text
 
-    from neuroscribe.store.migrations import MIGRATIONS
+    from neuroscribe.store.migrations import LATEST_VERSION, MIGRATIONS
 
     url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
     engine = create_engine(url)
@@ -305,7 +305,7 @@ def test_version_1_database_is_upgraded_in_place(tmp_path: Path) -> None:
     engine.dispose()
     db = Database(url)
     try:
-        assert db.schema_version == 2
+        assert db.schema_version == LATEST_VERSION  # every later migration applied
         with db.read() as conn:
             assert conn.execute(text("SELECT COUNT(*) FROM series")).scalar() == 1
         assert OutboxStore(db).counts() == dict.fromkeys(OutboxState, 0)

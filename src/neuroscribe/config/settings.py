@@ -12,7 +12,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -38,6 +46,43 @@ def _check_ae_title(value: str) -> str:
     return value.strip()
 
 
+class TlsSettings(_Section):
+    """TLS for one listener or one outgoing connection (PEM files). Used by ``neuroscribe.tls``.
+
+    A listener needs ``cert_file`` and ``key_file``; with ``require_peer_cert`` it also needs
+    ``ca_file`` and refuses peers without a certificate that chains to it (mutual authentication).
+    A client verifies the server against ``ca_file`` (the system store when empty) and its host
+    name (IP addresses too), and presents ``cert_file``/``key_file`` when set.
+    """
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    require_peer_cert: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            missing = "key_file" if self.key_file is None else "cert_file"
+            raise ValueError(f"{missing} is not set: cert_file and key_file go together")
+        if self.require_peer_cert and self.ca_file is None:
+            raise ValueError("require_peer_cert needs ca_file (the CA that signs peer certificates)")
+        return self
+
+
+def _check_listener_tls(value: TlsSettings) -> TlsSettings:
+    if value.enabled and value.cert_file is None:
+        raise ValueError("TLS on a listener needs cert_file and key_file")
+    return value
+
+
+def _check_client_tls(value: TlsSettings) -> TlsSettings:
+    if value.require_peer_cert:
+        raise ValueError("require_peer_cert is for listeners; a client always verifies the server")
+    return value
+
+
 class DicomSettings(_Section):
     """The Storage SCP: who may send, on which address, with which limits."""
 
@@ -59,6 +104,9 @@ class DicomSettings(_Section):
     network_timeout_seconds: float = Field(60.0, gt=0)
     #: Largest P-DATA PDU we accept; 0 means unlimited, the fastest for large CT slices.
     max_pdu_size: int = Field(0, ge=0)
+    #: DICOM TLS on the listener (``[dicom.tls]``): cert_file and key_file, and for mutual
+    #: authentication require_peer_cert with ca_file. A TLS port speaks TLS only.
+    tls: TlsSettings = TlsSettings()
 
     @field_validator("ae_title")
     @classmethod
@@ -82,6 +130,11 @@ class DicomSettings(_Section):
     def _bind(cls, value: str) -> str:
         ipaddress.ip_address(value)
         return value
+
+    @field_validator("tls")
+    @classmethod
+    def _tls(cls, value: TlsSettings) -> TlsSettings:
+        return _check_listener_tls(value)
 
 
 class StorageSettings(_Section):
@@ -179,6 +232,9 @@ class ModelsSettings(_Section):
     dir: Path | None = None
     #: A candidate's strict FORTE mean F1 on the held-out set must exceed the current model's by this.
     promotion_margin: float = Field(0.01, ge=0.0, le=1.0)
+    #: A bundle folder to serve instead of the registry's current model. Empty: the registry's
+    #: current model, or else the demo bundle of the source tree (synthetic phantoms only).
+    bundle: Path | None = None
 
 
 _DESTINATION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -208,6 +264,8 @@ class PacsDestination(_Section):
     calling_ae_title: str = ""
     #: Seconds for each step of an attempt (connect, association, each response).
     timeout_seconds: float = Field(30.0, gt=0)
+    #: DICOM TLS towards this PACS (``[pacs.tls]``): ca_file, and cert_file/key_file if it wants ours.
+    tls: TlsSettings = TlsSettings()
 
     @field_validator("name")
     @classmethod
@@ -224,6 +282,11 @@ class PacsDestination(_Section):
     def _calling_ae_title(cls, value: str) -> str:
         return _check_ae_title(value) if value else value
 
+    @field_validator("tls")
+    @classmethod
+    def _tls(cls, value: TlsSettings) -> TlsSettings:
+        return _check_client_tls(value)
+
 
 class RisDestination(_Section):
     """One ``[[ris]]`` table: a RIS that receives every report's ORU^R01 over MLLP."""
@@ -236,11 +299,18 @@ class RisDestination(_Section):
     timeout_seconds: float = Field(30.0, gt=0)
     #: Wire charset; empty means ``hl7.charset``. Must equal it when set: MSH-18 declares that one.
     encoding: Charset | Literal[""] = ""
+    #: MLLP over TLS towards this RIS (``[ris.tls]``): ca_file, and cert_file/key_file if it wants ours.
+    tls: TlsSettings = TlsSettings()
 
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
         return _check_destination_name(value)
+
+    @field_validator("tls")
+    @classmethod
+    def _tls(cls, value: TlsSettings) -> TlsSettings:
+        return _check_client_tls(value)
 
 
 class CodeSetting(_Section):
@@ -325,6 +395,160 @@ class OutboxSettings(_Section):
         return value
 
 
+class HttpSettings(_Section):
+    """The health and metrics endpoint: ``/healthz``, ``/readyz``, ``/metrics`` (Prometheus)."""
+
+    enabled: bool = True
+    bind: str = "127.0.0.1"
+    #: 0 picks a free port (logged at start; tests use it).
+    port: int = Field(9466, ge=0, le=65535)
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+
+class InferenceSettings(_Section):
+    """The drafting worker: a separate process that loads the model and turns selected series into reports."""
+
+    enabled: bool = True
+    #: ``auto`` uses CUDA when ONNX Runtime has it, else the CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: ONNX Runtime intra-op threads; 0 lets it choose.
+    threads: int = Field(0, ge=0, le=256)
+    #: How often the worker looks for queued jobs (it is also woken when one is queued).
+    poll_seconds: float = Field(1.0, gt=0)
+    #: A job whose worker died is retried this many times, then marked failed with its reason.
+    max_attempts: int = Field(3, ge=1, le=100)
+
+
+#: HL7 table 0123 (result status) codes an ``accepted_statuses`` entry may use.
+RESULT_STATUSES = frozenset("OISAPCRFXYZ")
+
+
+class LearningSettings(_Section):
+    """Learning from the site: the MLLP listener for the RIS's final reports and the training store.
+
+    Each final report (ORU^R01, OBR-25 in ``accepted_statuses``) is paired with the series we
+    reported on by its accession number; the pair is kept de-identified (PS3.15 Basic Profile) under
+    ``site_data_dir`` with ``manifest.jsonl`` for ``neuroscribe train --data`` (docs/learning.md).
+    """
+
+    enabled: bool = False
+    bind: str = "127.0.0.1"
+    #: MLLP port for the RIS; 0 picks a free port (logged at start; tests use it).
+    port: int = Field(2576, ge=0, le=65535)
+    #: MLLP over TLS (``[learning.tls]``): cert_file and key_file, and for mutual authentication
+    #: require_peer_cert with ca_file. A TLS port speaks TLS only.
+    tls: TlsSettings = TlsSettings()
+    #: Source addresses or networks (CIDR) allowed to connect; empty accepts any (with a warning).
+    allowed_networks: tuple[str, ...] = ()
+    #: Simultaneous connections; more are closed at once.
+    max_connections: int = Field(8, ge=1, le=256)
+    #: A connection idle (or mid-message) this long is closed.
+    read_timeout_seconds: float = Field(60.0, gt=0)
+    #: A message larger than this is not read: the connection is closed.
+    max_message_bytes: int = Field(4 * 1024**2, ge=1024)
+    #: OBR-25 values kept as final reports; any other is acknowledged (AA) and ignored.
+    accepted_statuses: tuple[str, ...] = ("F", "C")
+    #: The training store; empty means ``<storage.root>/site-data``.
+    site_data_dir: Path | None = None
+    #: A final report still without its series this long after it arrived is given up.
+    pair_timeout_hours: float = Field(72.0, gt=0)
+    #: How often unpaired final reports are tried again (the service's scheduler).
+    pair_retry_seconds: float = Field(300.0, gt=0)
+    #: The training store's size limit; the oldest pairs are deleted beyond it.
+    quota_bytes: int = Field(50 * 1024**3, gt=0)
+    #: The site secret keying patient pseudonyms and new UIDs (created, mode 0600, when missing).
+    #: Keep it out of the training store: with it, pseudonyms can be re-identified. Empty means
+    #: ``<storage.root>/secrets/deid.key``.
+    secret_file: Path | None = None
+    #: Pair only when the report's PID-3 is the series' PatientID (compared as keyed hashes).
+    check_patient_id: bool = True
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, value: str) -> str:
+        ipaddress.ip_address(value)
+        return value
+
+    @field_validator("allowed_networks")
+    @classmethod
+    def _allowed_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for net in value:
+            ipaddress.ip_network(net, strict=False)
+        return value
+
+    @field_validator("tls")
+    @classmethod
+    def _tls(cls, value: TlsSettings) -> TlsSettings:
+        return _check_listener_tls(value)
+
+    @field_validator("accepted_statuses")
+    @classmethod
+    def _statuses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("needs at least one OBR-25 result status (F is the final report)")
+        for status in value:
+            if status not in RESULT_STATUSES:
+                raise ValueError(f"{status!r} is not an HL7 table 0123 result status "
+                                 f"(one of {''.join(sorted(RESULT_STATUSES))})")
+        return value
+
+
+class RetentionSettings(_Section):
+    """How long received series stay in the spool (the training store has ``learning.quota_bytes``)."""
+
+    enabled: bool = True
+    #: A series is deleted from the spool this long after its report job ended (delivered, dead
+    #: or failed). Retention wins: a final report arriving later finds no series to pair with.
+    purge_spool_after_hours: float = Field(72.0, ge=0)
+    #: A series not selected for a report is deleted this long after the decision.
+    purge_rejected_after_hours: float = Field(24.0, ge=0)
+    #: How often the retention pass runs (the service's scheduler).
+    poll_seconds: float = Field(3600.0, gt=0)
+
+
+class RetrainingSettings(_Section):
+    """Scheduled retraining on the site's paired studies (docs/retraining.md).
+
+    When enabled, the service checks every ``check_every_hours`` whether at least ``min_new_pairs``
+    studies with final reports (``<storage.root>/site-data/manifest.jsonl``) arrived since the last
+    run; if so it trains a candidate in a subprocess under the limits below and offers it to the
+    registry's promotion gate (``[models] promotion_margin``). ``neuroscribe retrain`` runs the
+    same check by hand, enabled or not.
+    """
+
+    enabled: bool = False
+    #: Paired studies the last run did not use that are needed to start a run.
+    min_new_pairs: int = Field(50, ge=1)
+    #: How often the service checks for new pairs (hours). A failed run is retried at this pace.
+    check_every_hours: float = Field(6.0, gt=0, le=24 * 366)
+    #: TOML file of training settings (docs/training.md). Empty: the demo model's
+    #: ``models/demo/train.toml`` of a source checkout; a packaged install has none, so set it.
+    train_config: Path | None = None
+    #: A training or gate subprocess still running after this long is killed (its process group).
+    timeout_hours: float = Field(12.0, gt=0)
+    #: RLIMIT_DATA of the subprocesses (private writable memory: heap, arrays), bytes; 0: no limit.
+    memory_limit_bytes: int = Field(32 * 1024**3, ge=0)
+    #: RLIMIT_CPU of the subprocesses (CPU seconds, all threads together); 0: no limit.
+    cpu_limit_seconds: int = Field(0, ge=0)
+    #: Niceness added to the subprocesses, so the service keeps its share of the CPU.
+    cpu_nice: int = Field(10, ge=0, le=19)
+    #: Folder of the run folders; empty: ``<storage.root>/retraining/runs``.
+    runs_dir: Path | None = None
+    #: Run folders kept, newest first; older ones are deleted (the registry holds its own copies).
+    keep_runs: int = Field(5, ge=1)
+
+    @model_validator(mode="after")
+    def _train_config_exists(self) -> RetrainingSettings:
+        if self.enabled and self.train_config is not None and not self.train_config.is_file():
+            raise ValueError(f"train_config {str(self.train_config)!r}: no such file")
+        return self
+
+
 class LoggingSettings(_Section):
     """structlog output: JSON lines to stdout and to ``<storage.root>/logs``."""
 
@@ -350,6 +574,11 @@ class Settings(BaseSettings):
     selection: SelectionSettings = SelectionSettings()
     models: ModelsSettings = ModelsSettings()
     logging: LoggingSettings = LoggingSettings()
+    http: HttpSettings = HttpSettings()
+    inference: InferenceSettings = InferenceSettings()
+    retraining: RetrainingSettings = RetrainingSettings()
+    learning: LearningSettings = LearningSettings()
+    retention: RetentionSettings = RetentionSettings()
     hl7: Hl7Settings = Hl7Settings()
     outbox: OutboxSettings = OutboxSettings()
     #: ``[[pacs]]`` tables: every report's SR goes to each.

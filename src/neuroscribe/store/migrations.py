@@ -121,6 +121,82 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX ix_outbox_due ON outbox (state, next_attempt_at)",
         ),
     ),
+    Migration(
+        3,
+        "report jobs: a selected series on its way to a delivered report",
+        (
+            """
+            CREATE TABLE jobs (
+                job_id TEXT PRIMARY KEY,
+                series_instance_uid TEXT NOT NULL,
+                study_instance_uid TEXT NOT NULL,
+                revision INTEGER NOT NULL,
+                state TEXT NOT NULL,
+                attempts INTEGER NOT NULL DEFAULT 0,
+                created_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL,
+                last_instance_at DOUBLE PRECISION NOT NULL,
+                lease_until DOUBLE PRECISION,
+                worker TEXT,
+                report_id TEXT,
+                accession_hash TEXT,
+                model_id TEXT,
+                inference_seconds DOUBLE PRECISION,
+                reported_at DOUBLE PRECISION,
+                finished_at DOUBLE PRECISION,
+                reason TEXT,
+                UNIQUE (series_instance_uid, revision)
+            )
+            """,
+            "CREATE INDEX ix_jobs_state ON jobs (state, created_at)",
+            "CREATE INDEX ix_jobs_accession ON jobs (accession_hash)",
+            # Who holds an outbox item's lease, so a restarted node frees its own at once.
+            "ALTER TABLE outbox ADD COLUMN leased_by TEXT",
+        ),
+    ),
+    Migration(
+        4,
+        "learning from the site: final reports from the RIS, training pairs, spool purges",
+        (
+            """
+            CREATE TABLE final_reports (
+                final_report_id TEXT PRIMARY KEY,
+                received_at DOUBLE PRECISION NOT NULL,
+                sender TEXT NOT NULL,
+                control_id TEXT NOT NULL,
+                accession_hash TEXT NOT NULL,
+                patient_hash TEXT,
+                result_status TEXT NOT NULL,
+                state TEXT NOT NULL,
+                report_file TEXT,
+                series_instance_uid TEXT,
+                job_id TEXT,
+                pair_dir TEXT,
+                patient_pseudonym TEXT,
+                instances INTEGER NOT NULL DEFAULT 0,
+                bytes BIGINT NOT NULL DEFAULT 0,
+                paired_at DOUBLE PRECISION,
+                discarded_at DOUBLE PRECISION,
+                reason TEXT,
+                UNIQUE (sender, control_id)
+            )
+            """,
+            "CREATE INDEX ix_final_reports_state ON final_reports (state, received_at)",
+            "CREATE INDEX ix_final_reports_accession ON final_reports (accession_hash)",
+            """
+            CREATE TABLE spool_purges (
+                purge_id TEXT PRIMARY KEY,
+                series_instance_uid TEXT NOT NULL,
+                revision INTEGER NOT NULL,
+                purged_at DOUBLE PRECISION NOT NULL,
+                reason TEXT NOT NULL,
+                files INTEGER NOT NULL,
+                bytes BIGINT NOT NULL
+            )
+            """,
+            "CREATE INDEX ix_spool_purges_series ON spool_purges (series_instance_uid)",
+        ),
+    ),
 )
 
 LATEST_VERSION = MIGRATIONS[-1].version

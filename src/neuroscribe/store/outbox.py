@@ -198,12 +198,13 @@ class OutboxStore:
         return {state: found.get(state, 0) for state in OutboxState}
 
     def claim_due(
-        self, now: float, lease_seconds: float, limit: int = DEFAULT_CLAIM_LIMIT
+        self, now: float, lease_seconds: float, limit: int = DEFAULT_CLAIM_LIMIT, holder: str | None = None
     ) -> list[OutboxItem]:
         """Pending items due by ``now``, earliest first, each leased until ``now + lease_seconds``.
 
         The lease moves ``next_attempt_at`` forward, so no other caller claims the item while it is
-        being sent, and an attempt cut short by a crash is tried again when the lease runs out.
+        being sent, and an attempt cut short by a crash is tried again when the lease runs out, or
+        at once when its ``holder`` restarts (:meth:`release_leases`).
         """
         with self.db.write() as conn:
             due = conn.execute(
@@ -220,7 +221,7 @@ class OutboxStore:
                     .where(outbox.c.item_id == item_id)
                     .where(outbox.c.state == OutboxState.PENDING.value)
                     .where(outbox.c.next_attempt_at <= now)
-                    .values(next_attempt_at=now + lease_seconds)
+                    .values(next_attempt_at=now + lease_seconds, leased_by=holder)
                 )
                 if result.rowcount == 1:
                     claimed.append(item_id)
@@ -253,6 +254,7 @@ class OutboxStore:
             "state": state.value, "attempts": outbox.c.attempts + 1, "last_attempt_at": now,
             "last_outcome": outcome, "last_reason": reason,
             "next_attempt_at": next_attempt_at if state is OutboxState.PENDING else None,
+            "leased_by": None,
         }
         if state is OutboxState.DELIVERED:
             values["delivered_at"] = now
@@ -266,6 +268,15 @@ class OutboxStore:
                 .values(**values)
             )
             return result.rowcount == 1
+
+    def release_leases(self, holder: str, now: float) -> int:
+        """Make ``holder``'s leased items due now (it restarted, so its attempts ended); returns how many."""
+        with self.db.write() as conn:
+            return conn.execute(
+                update(outbox).where(outbox.c.state == OutboxState.PENDING.value)
+                .where(outbox.c.leased_by == holder).where(outbox.c.next_attempt_at > now)
+                .values(next_attempt_at=now, leased_by=None)
+            ).rowcount
 
     def retry(self, item_ids: Sequence[str], now: float) -> list[str]:
         """Make pending, dead or dropped items due ``now`` in a new delivery window (attempts 0).

@@ -192,7 +192,21 @@ class StateStore:
         with self.db.read() as conn:
             return int(conn.execute(select(func.count()).select_from(instances)).scalar_one())
 
+    def spool_bytes(self) -> int:
+        """The bytes of every recorded instance (the spool's size as the database knows it)."""
+        with self.db.read() as conn:
+            return int(conn.execute(select(func.coalesce(func.sum(instances.c.size_bytes), 0))).scalar_one())
+
     # -- series ------------------------------------------------------------------------------
+
+    def series_counts(self) -> dict[tuple[SeriesState, str | None], int]:
+        """How many series are in each (state, reason); the reason is set for REJECTED only."""
+        with self.db.read() as conn:
+            rows = conn.execute(
+                select(series.c.state, series.c.reason, func.count())
+                .group_by(series.c.state, series.c.reason)
+            )
+            return {(SeriesState(state), reason): int(n) for state, reason, n in rows}
 
     def complete_quiet_series(
         self, now: float, quiet_seconds: float, force_complete_seconds: float

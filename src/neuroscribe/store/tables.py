@@ -25,6 +25,44 @@ class SeriesState(StrEnum):
     REJECTED = "REJECTED"
 
 
+class JobState(StrEnum):
+    """Where a report job stands, from a SELECTED series to its delivered report.
+
+    Together with :class:`SeriesState` this is the pipeline's state machine::
+
+        RECEIVING -> COMPLETE -> SELECTED | REJECTED        (series table)
+        SELECTED -> queued -> inferring -> reported -> delivering -> delivered | dead   (jobs table)
+
+    Side exits: ``failed`` (the model could not report on it, ``reason`` says why, after
+    ``inference.max_attempts``) and ``superseded`` (a late instance reopened the series; the new
+    revision gets its own job).
+    """
+
+    QUEUED = "queued"
+    INFERRING = "inferring"
+    REPORTED = "reported"
+    DELIVERING = "delivering"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+
+
+class FinalReportState(StrEnum):
+    """Where a final report from the RIS stands (docs/learning.md)::
+
+        unpaired -> paired -> discarded (superseded, or deleted for the quota)
+        unpaired -> discarded (no series within learning.pair_timeout_hours, or it cannot be paired)
+    """
+
+    #: Kept (the stripped text in the inbox); no reported series has its accession yet.
+    UNPAIRED = "unpaired"
+    #: Kept with its de-identified series as a training pair (``pair_dir``).
+    PAIRED = "paired"
+    #: Given up or removed; ``reason`` says why. Its files are gone.
+    DISCARDED = "discarded"
+
+
 class OutboxState(StrEnum):
     """Where one (report, destination) delivery stands."""
 
@@ -127,5 +165,66 @@ outbox = Table(
     Column("delivered_at", Float),
     Column("dead_at", Float),
     Column("dropped_at", Float),
+    Column("leased_by", Text),
     UniqueConstraint("report_id", "destination_kind", "destination_name"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("job_id", Text, primary_key=True),
+    Column("series_instance_uid", Text, nullable=False),
+    Column("study_instance_uid", Text, nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("attempts", Integer, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("last_instance_at", Float, nullable=False),
+    Column("lease_until", Float),
+    Column("worker", Text),
+    Column("report_id", Text),
+    Column("accession_hash", Text),
+    Column("model_id", Text),
+    Column("inference_seconds", Float),
+    Column("reported_at", Float),
+    Column("finished_at", Float),
+    Column("reason", Text),
+    UniqueConstraint("series_instance_uid", "revision"),
+)
+
+final_reports = Table(
+    "final_reports",
+    metadata,
+    Column("final_report_id", Text, primary_key=True),
+    Column("received_at", Float, nullable=False),
+    Column("sender", Text, nullable=False),
+    Column("control_id", Text, nullable=False),
+    Column("accession_hash", Text, nullable=False),
+    Column("patient_hash", Text),
+    Column("result_status", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("report_file", Text),
+    Column("series_instance_uid", Text),
+    Column("job_id", Text),
+    Column("pair_dir", Text),
+    Column("patient_pseudonym", Text),
+    Column("instances", Integer, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("paired_at", Float),
+    Column("discarded_at", Float),
+    Column("reason", Text),
+    UniqueConstraint("sender", "control_id"),
+)
+
+spool_purges = Table(
+    "spool_purges",
+    metadata,
+    Column("purge_id", Text, primary_key=True),
+    Column("series_instance_uid", Text, nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("purged_at", Float, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("files", Integer, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
 )
