@@ -1,13 +1,26 @@
-"""Real loopback peers for tests: free ports, and hl7apy's MLLPServer as the RIS.
+"""Real loopback peers for tests: free ports, hl7apy's MLLPServer as the RIS (plain or TLS), DCMTK's
+storescp as a (TLS) PACS, and a test PKI (a CA with server and client certificates).
 
-The PACS peer is Orthanc (:mod:`tests.orthanc`); the pytest fixtures for both are in ``conftest.py``.
+The main PACS peer is Orthanc (:mod:`tests.orthanc`); the pytest fixtures are in ``conftest.py``.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
+import os
 import socket
+import ssl
+import subprocess
 import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hl7apy.core import Message
 from hl7apy.mllp import AbstractHandler, MLLPServer
 from hl7apy.parser import parse_message
@@ -56,10 +69,13 @@ class Ris:
     ``"NOT_HL7"`` one MLLP frame that is not an ACK. Any answer but AA carries ``error_text`` in MSA-3.
     """
 
-    def __init__(self, host: str = LOOPBACK, *, error_text: str = PHI_TEXT, timeout: float = 5) -> None:
+    def __init__(self, host: str = LOOPBACK, *, error_text: str = PHI_TEXT, timeout: float = 5,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.host = host
         self.error_text = error_text
         self.timeout = timeout
+        #: A server context makes it an MLLP-over-TLS RIS (the handshake runs on accept).
+        self.ssl_context = ssl_context
         self.port = 0
         self.script: list[str] = []
         self.received: list[str] = []
@@ -71,6 +87,8 @@ class Ris:
         if self._server is not None:
             raise RuntimeError("RIS already running")
         self._server = MLLPServer(self.host, 0, {ORU_MESSAGE_TYPE: (OruHandler, self)}, timeout=self.timeout)
+        if self.ssl_context is not None:
+            self._server.socket = self.ssl_context.wrap_socket(self._server.socket, server_side=True)
         self.port = int(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         daemon=True)
@@ -117,3 +135,122 @@ class OruHandler(AbstractHandler):
     def reply(self) -> str:
         """The RIS's answer to the incoming message."""
         return self.ris.answer(self.incoming_message)
+
+
+# -- TLS: a test PKI, and DCMTK's storescp as a PACS ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Pki:
+    """PEM files of a test CA, a server certificate (localhost, 127.0.0.1) and a client certificate."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_pki(folder: Path, name: str = "NeuroScribe Test CA") -> Pki:
+    """A fresh CA named ``name`` under ``folder`` that signed one server and one client certificate.
+
+    The server certificate names ``localhost`` and ``IP:127.0.0.1`` (subjectAltName) for host-name
+    checks; keys are unencrypted RSA 2048 (DCMTK's default BCP 195 profile accepts them).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = _rsa_key()
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    ca = (
+        _builder(ca_name, ca_name, ca_key, now)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    files = {"ca_cert": _write_pem(folder / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))}
+    for role, usage, alt_names in (
+        ("server", ExtendedKeyUsageOID.SERVER_AUTH,
+         [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(LOOPBACK))]),
+        ("client", ExtendedKeyUsageOID.CLIENT_AUTH, [x509.DNSName("scanner.test")]),
+    ):
+        key = _rsa_key()
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} {role}")])
+        cert = (
+            _builder(subject, ca_name, key, now)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        pem = cert.public_bytes(serialization.Encoding.PEM)
+        files[f"{role}_cert"] = _write_pem(folder / f"{role}.pem", pem)
+        files[f"{role}_key"] = _write_pem(folder / f"{role}.key", key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption()))
+    return Pki(**files)
+
+
+def _rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+
+
+def _builder(subject: x509.Name, issuer: x509.Name, key: rsa.RSAPrivateKey,
+             now: datetime.datetime) -> x509.CertificateBuilder:
+    return (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=2)))
+
+
+def _write_pem(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return path
+
+
+class StoreScp:
+    """DCMTK's ``storescp`` on a free loopback port, writing what it receives to ``folder``.
+
+    ``tls`` is the pair (key file, certificate file) for ``+tls``; ``extra`` adds options (``+cf CA``,
+    ``-ic``). Use as a context manager; :meth:`received` lists the files it stored.
+    """
+
+    def __init__(self, folder: Path, *, ae_title: str = "STORESCP", tls: tuple[Path, Path] | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.args = ["storescp", "-aet", ae_title, "-od", str(folder),
+                     *(("+tls", str(tls[0]), str(tls[1])) if tls else ()), *extra, str(self.port)]
+        self.log = folder.parent / f"{folder.name}-storescp.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> StoreScp:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as sink:
+            self._proc = subprocess.Popen(self.args, stdout=sink, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "TCP_NODELAY": "1"})
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise AssertionError(f"storescp exited: {self.log.read_text(errors='replace')}")
+            try:
+                # storescp listens before it reads anything; a probe would cost a failed handshake.
+                if f":{self.port:04X} 00000000:0000 0A" in Path("/proc/net/tcp").read_text():
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("storescp did not listen within 10 s")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            self._proc.wait(10)
+
+    def received(self) -> list[Path]:
+        """The files storescp wrote (one per stored instance)."""
+        return sorted(p for p in self.folder.iterdir() if p.is_file())

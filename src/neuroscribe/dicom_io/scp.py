@@ -3,6 +3,10 @@
 Handlers are thin (STYLE.md habit 7): stream to ``incoming/`` (pynetdicom's chunked receive),
 check the header, fsync and rename into the spool, commit the state row, answer a named status.
 They never raise and never decode pixel data; everything heavier happens in other processes.
+
+With ``[dicom.tls]`` the port speaks TLS only (:func:`neuroscribe.tls.server_context`); each
+connection shakes hands on its own thread, after the address allow-list. Accepted and refused
+associations and each association's receptions are audit events (:mod:`neuroscribe.audit`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from pynetdicom.utils import make_target
 
+from neuroscribe import audit
 from neuroscribe.config import DicomSettings
 from neuroscribe.dicom_io.constants import (
     ACCEPTED_TRANSFER_SYNTAXES,
@@ -53,6 +58,7 @@ from neuroscribe.dicom_io.spool import Spool
 from neuroscribe.errors import StoreError
 from neuroscribe.log import get_logger, hash_uid
 from neuroscribe.store import InstanceRecord, StateStore
+from neuroscribe.tls import server_context
 
 LOG = get_logger(__name__)
 
@@ -67,6 +73,17 @@ _DUL_WAIT_SECONDS = 0.1
 _REACTOR_WAIT_SECONDS = 0.1
 #: The DUL's sleep between loops once its socket is closed (pynetdicom's own delay).
 _DUL_IDLE_SECONDS = 0.001
+
+#: ``reason`` of a refused ``association`` audit event, for refusals before any DICOM is read.
+REFUSED_ADDRESS = "address not allowed"
+REFUSED_TLS = "TLS handshake failed"
+#: ``reason`` by A-ASSOCIATE-RJ (source, diagnostic) (PS3.8 9.3.4); others read "rejected".
+REJECT_REASONS: dict[tuple[int, int], str] = {
+    (0x01, 0x03): "calling AE not allowed",
+    (0x01, 0x07): "called AE title not ours",
+    (0x02, 0x01): "user identity not accepted",
+    (0x03, 0x02): "too many associations",
+}
 
 
 @dataclass
@@ -340,6 +357,17 @@ class _RequestHandler(RequestHandler):
     take effect and that released, aborted and idle-timed-out associations end promptly.
     """
 
+    def handle(self) -> None:
+        """TLS handshake first (when the server has a context), on this connection's own thread."""
+        context = self.server.ssl_context
+        if context is not None:
+            tls_socket = _handshake(context, self.request, self.client_address[0],
+                                    self.server.ae.acse_timeout)
+            if tls_socket is None:
+                return
+            self.request = tls_socket
+        super().handle()
+
     def _create_association(self) -> Any:
         assoc = super()._create_association()
         assoc.dul.socket.__class__ = _BulkReadSocket
@@ -353,10 +381,38 @@ class _RequestHandler(RequestHandler):
         return assoc
 
 
+def _handshake(
+    context: ssl.SSLContext, sock: socket.socket, peer: str, timeout: float | None
+) -> ssl.SSLSocket | None:
+    """The server side of the TLS handshake, or None (logged, audited, socket closed) if it failed.
+
+    pynetdicom would shake hands in ``get_request``, on the thread that accepts every connection
+    and without a timeout, so one silent client would stall all others; here each connection's own
+    thread does it within ``timeout``. The reason (no certificate, unknown CA, protocol) is logged;
+    the audit trail names the peer address only.
+    """
+    try:
+        sock.settimeout(timeout)
+        tls_socket = context.wrap_socket(sock, server_side=True)
+        tls_socket.settimeout(None)  # blocking again, as pynetdicom's plain sockets are
+    except (ssl.SSLError, OSError) as exc:  # TimeoutError and resets included
+        detail = getattr(exc, "reason", None) or type(exc).__name__
+        LOG.warning("connection refused: TLS handshake failed", peer=peer, detail=str(detail))
+        audit.record("association", "refused", reason=REFUSED_TLS, peer=peer)
+        with contextlib.suppress(OSError):
+            sock.close()
+        return None
+    return tls_socket
+
+
 class _AllowListServer(ThreadedAssociationServer):
-    """Closes connections from addresses outside the allow-list before any DICOM is read."""
+    """Closes connections from addresses outside the allow-list before any DICOM (or TLS) is read."""
 
     allowed_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept only; the TLS handshake happens on the connection's thread (:func:`_handshake`)."""
+        return self.socket.accept()  # type: ignore[union-attr]
 
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if not self.allowed_networks:
@@ -365,6 +421,7 @@ class _AllowListServer(ThreadedAssociationServer):
         if any(address in net for net in self.allowed_networks):
             return True
         LOG.warning("connection refused: address not in dicom.allowed_networks", peer=client_address[0])
+        audit.record("association", "refused", reason=REFUSED_ADDRESS, peer=client_address[0])
         return False
 
     def shutdown(self) -> None:
@@ -445,16 +502,18 @@ class StorageSCP:
             LOG.warning("dicom.allowed_calling_aes is empty: any calling AE title may store")
         if not s.allowed_networks:
             LOG.warning("dicom.allowed_networks is empty: any source address may connect")
+        context = server_context(s.tls, key="dicom.tls") if s.tls.enabled else None
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_closed, ["released"]),
             (evt.EVT_ABORTED, self._on_closed, ["aborted"]),
         ]
         server = self.ae.make_server(
             (s.bind, s.port), evt_handlers=handlers, server_class=_AllowListServer,
-            request_handler=_RequestHandler,
+            request_handler=_RequestHandler, ssl_context=context,
         )
         server.allowed_networks = tuple(
             ipaddress.ip_network(net, strict=False) for net in s.allowed_networks
@@ -466,7 +525,8 @@ class StorageSCP:
         self._thread.start()
         address = server.server_address
         LOG.info("storage scp listening", ae_title=s.ae_title, bind=address[0], port=address[1],
-                 max_associations=s.max_associations)
+                 max_associations=s.max_associations, tls=s.tls.enabled,
+                 peer_cert_required=s.tls.enabled and s.tls.require_peer_cert)
         return address[0], address[1]
 
     def stop(self) -> None:
@@ -492,13 +552,32 @@ class StorageSCP:
         self.counters.add(associations=1)
         requestor = event.assoc.requestor
         event.assoc.neuroscribe_stats = {"stored": 0, "failed": 0, "bytes": 0}  # type: ignore[attr-defined]
+        event.assoc.neuroscribe_studies = set()  # type: ignore[attr-defined]
         LOG.info("association established", calling_ae=requestor.ae_title,
                  peer=requestor.address, assoc_id=id(event.assoc))
+        audit.record("association", "success", calling_ae=requestor.ae_title,
+                     called_ae=_called_ae(event.assoc), peer=requestor.address, **_tls_fields(event.assoc))
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        rejection = event.assoc.acceptor.primitive
+        code = (getattr(rejection, "result_source", None), getattr(rejection, "diagnostic", None))
+        reason = REJECT_REASONS.get(code, "rejected")  # type: ignore[arg-type]
+        LOG.warning("association rejected", reason=reason, calling_ae=requestor.ae_title,
+                    called_ae=_called_ae(event.assoc), peer=requestor.address)
+        audit.record("association", "refused", reason=reason, calling_ae=requestor.ae_title,
+                     called_ae=_called_ae(event.assoc), peer=requestor.address)
 
     def _on_closed(self, event: evt.Event, how: str) -> None:
         stats = getattr(event.assoc, "neuroscribe_stats", {})
         LOG.info(f"association {how}", calling_ae=event.assoc.requestor.ae_title,
                  peer=event.assoc.requestor.address, assoc_id=id(event.assoc), **stats)
+        if stats.get("stored", 0) + stats.get("failed", 0):
+            studies = getattr(event.assoc, "neuroscribe_studies", set())
+            audit.record("instances_received", "success" if not stats["failed"] else "failure",
+                         calling_ae=event.assoc.requestor.ae_title, peer=event.assoc.requestor.address,
+                         count=stats["stored"], failed=stats["failed"], bytes=stats["bytes"],
+                         study_uid_hashes=sorted(studies), ended=how)
 
     def _on_echo(self, event: evt.Event) -> int:
         return StoreStatus.SUCCESS
@@ -540,6 +619,7 @@ class StorageSCP:
                 self.spool.discard(partial)  # no-op once renamed into the spool
         stats["stored"] += 1
         stats["bytes"] += size
+        getattr(event.assoc, "neuroscribe_studies", set()).add(hash_uid(header.study_instance_uid))
         self.counters.add(instances=1, bytes=size, duplicates=0 if is_new else 1)
         LOG.debug("instance stored", sop=hash_uid(header.sop_instance_uid),
                   series=hash_uid(header.series_instance_uid), bytes=size, new=is_new)
@@ -568,6 +648,21 @@ class StorageSCP:
             )
         except StoreError:
             LOG.exception("ingest failure not recorded", reason=refusal.reason)
+
+
+def _called_ae(assoc: Any) -> str | None:
+    """The called AE title the requestor asked for (ours, unless it was refused for that)."""
+    request = assoc.requestor.primitive
+    return None if request is None else str(request.called_ae_title).strip()
+
+
+def _tls_fields(assoc: Any) -> dict[str, Any]:
+    """``tls`` (the protocol version, or None) and ``peer_cert`` (the client certificate's CN)."""
+    sock = getattr(assoc.dul.socket, "socket", None)
+    if not isinstance(sock, ssl.SSLSocket):
+        return {"tls": None}
+    subject = dict(item for rdn in (sock.getpeercert() or {}).get("subject", ()) for item in rdn)
+    return {"tls": sock.version(), "peer_cert": subject.get("commonName")}
 
 
 def port_is_free(bind: str, port: int) -> bool:

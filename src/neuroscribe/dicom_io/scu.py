@@ -454,7 +454,8 @@ def _association_failure(assoc: Association | str, peer: PacsPeer) -> tuple[str,
     if assoc.rejected_contexts and not assoc.accepted_contexts:
         return f"{where} accepted none of the proposed SOP classes", Outcome.DEAD
     if assoc.acceptor.primitive is None:
-        return f"no association with {where}: connection failed or no answer in time", Outcome.RETRY
+        failed = "connection or TLS handshake failed" if peer.ssl_context else "connection failed"
+        return f"no association with {where}: {failed} or no answer in time", Outcome.RETRY
     return f"association with {where} aborted", Outcome.RETRY
 
 
