@@ -74,7 +74,12 @@ class Spool:
                 series_dir.mkdir(exist_ok=True)
                 fsync_dir(self.spool_dir)
             self._known_series_dirs.add(series_instance_uid)
-        partial.replace(final)
+        try:
+            partial.replace(final)
+        except FileNotFoundError:  # retention removed the folder since (daemon/retention.py)
+            series_dir.mkdir(exist_ok=True)
+            fsync_dir(self.spool_dir)
+            partial.replace(final)
         fsync_dir(series_dir)
         return final
 
