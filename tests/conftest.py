@@ -5,6 +5,7 @@ the real peers it delivers to (Orthanc as the PACS, hl7apy's MLLPServer as the R
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -15,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 import structlog
@@ -226,6 +227,7 @@ def make_server(root: Path, **env_overrides: str) -> Server:
         **os.environ,
         "NEUROSCRIBE_STORAGE__ROOT": str(root),
         "NEUROSCRIBE_DICOM__PORT": str(port),
+        "NEUROSCRIBE_HTTP__PORT": str(free_port()),
         "NEUROSCRIBE_STORAGE__MIN_FREE_BYTES": "0",
         "NEUROSCRIBE_SERIES__QUIET_SECONDS": "1.5",
         "NEUROSCRIBE_SERIES__POLL_SECONDS": "0.2",
@@ -310,3 +312,130 @@ def ris() -> Iterator[Ris]:
     the test sets its ``script``."""
     with Ris() as server:
         yield server
+
+
+# -- in-process SCP and the audit trail ----------------------------------------------------------
+
+
+@dataclass
+class InProcessScp:
+    """A :class:`~neuroscribe.dicom_io.scp.StorageSCP` in the test process, with its own storage root.
+
+    Unlike :class:`Server` it needs no C-ECHO to start (a TLS-only port would refuse echoscu), and its
+    audit events reach this process's trail (the ``audit_trail`` fixture).
+    """
+
+    scp: Any
+    store: StateStore
+    root: Path
+    port: int
+
+
+ScpFactory = Callable[..., InProcessScp]
+
+
+@pytest.fixture
+def scp_factory(tmp_path: Path) -> Iterator[ScpFactory]:
+    """Start in-process SCPs with ``[dicom]`` overrides (``tls={...}``); all stopped at the end.
+
+    The SCP points pynetdicom's module-level hooks at its spool; they are put back afterwards so that
+    later tests in this process receive as pynetdicom does.
+    """
+    from pynetdicom import dimse_messages
+
+    from neuroscribe.config import load_settings
+    from neuroscribe.dicom_io.scp import StorageSCP
+    from neuroscribe.dicom_io.spool import Spool
+
+    hooks = ("NamedTemporaryFile", "create_file_meta", "write_file_meta_info")
+    saved = {name: getattr(dimse_messages, name) for name in hooks}
+    chunked = pynetdicom_config.STORE_RECV_CHUNKED_DATASET
+    made: list[InProcessScp] = []
+
+    def make(**dicom: object) -> InProcessScp:
+        root = tmp_path / f"scp{len(made)}"
+        settings = load_settings(None, storage={"root": str(root), "min_free_bytes": 0},
+                                 dicom={"port": free_port(), **dicom})
+        store = StateStore(Database(settings.storage.resolved_database_url))
+        spool = Spool(settings.storage.spool_dir, settings.storage.incoming_dir)
+        spool.prepare()
+        scp = StorageSCP(settings.dicom, store, spool, 0)
+        try:
+            _, port = scp.start()
+        except BaseException:
+            store.db.close()
+            raise
+        made.append(InProcessScp(scp, store, root, port))
+        return made[-1]
+
+    yield make
+    for running in made:
+        running.scp.stop()
+        running.store.db.close()
+    for name, value in saved.items():
+        setattr(dimse_messages, name, value)
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = chunked
+
+
+@dataclass
+class AuditTrail:
+    """The audit file of a test; :meth:`events` parses its lines."""
+
+    path: Path
+
+    def events(self, event: str | None = None) -> list[dict[str, Any]]:
+        """Every line as a dict, or only those of ``event``."""
+        if not self.path.exists():
+            return []
+        lines = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines()]
+        return [line for line in lines if event is None or line["event"] == event]
+
+    def wait_for(self, event: str, count: int = 1, timeout: float = 10) -> list[dict[str, Any]]:
+        """The ``event`` lines once there are ``count`` (association threads write them late)."""
+        deadline = time.monotonic() + timeout
+        while len(found := self.events(event)) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(found) >= count, f"{count} {event!r} audit events expected: {self.events()}"
+        return found
+
+
+@pytest.fixture
+def audit_trail(tmp_path: Path) -> Iterator[AuditTrail]:
+    """Record this process's audit events to ``tmp_path/audit.jsonl`` during the test."""
+    from neuroscribe import audit
+
+    trail = AuditTrail(tmp_path / "logs" / audit.AUDIT_FILE_NAME)
+    audit.configure(trail.path)
+    try:
+        yield trail
+    finally:
+        audit.configure(None)
+
+
+def small_report(sr: Dataset) -> tuple[Any, str, str]:
+    """A short draft and its ORU^R01 built from ``sr``'s patient and study: (report, er7, control_id).
+
+    ``sr`` is a small SR such as ``tests.test_scu.minimal_sr()``.
+    """
+    from datetime import UTC, datetime
+
+    from neuroscribe.reporting.draft import DraftReport, ModelIdentity
+    from neuroscribe.reporting.hl7 import OruOptions, build_oru
+    from neuroscribe.reporting.outbox import new_control_id
+
+    model = ModelIdentity("neuroscribe-test", "1", "1.2.826.0.1.3680043.8.498.1")
+    report = DraftReport("No acute intracranial abnormality.", "Normal study.", model,
+                         datetime(2026, 11, 29, 10, 0, tzinfo=UTC))
+    control_id = new_control_id()
+    return report, build_oru(report, sr, control_id, OruOptions(), report.created), control_id
+
+
+def queue_report(outbox: Any, sr: Dataset, *, with_oru: bool = True) -> str:
+    """Queue :func:`small_report` of ``sr`` for every configured destination; returns its report ID.
+
+    The SR references no evidence, so its own series stands in for the source series.
+    """
+    report, er7, control_id = small_report(sr)
+    record = outbox.enqueue_report(report, sr, er7 if with_oru else None, control_id if with_oru else None,
+                                   series_instance_uid=str(sr.SeriesInstanceUID))
+    return str(record.report_id)

@@ -20,7 +20,8 @@ def test_kill_9_mid_series_keeps_every_acknowledged_instance(
     server_factory: ServerFactory, tmp_path: Path
 ) -> None:
     """Kill the server while a series streams in; after restart every acknowledged slice is there."""
-    server = server_factory(NEUROSCRIBE_SERIES__QUIET_SECONDS="3").start()
+    # The quiet period outlasts kill + restart, so the half series does not complete before the resend.
+    server = server_factory(NEUROSCRIBE_SERIES__QUIET_SECONDS="10").start()
     spec = CtSeriesSpec(rows=128, columns=128, slices=100)
     files = write_ct_series(spec, tmp_path / "ct")
 

@@ -82,6 +82,7 @@ def configure_logging(
     fmt: str = "json",
     log_dir: Path | None = None,
     stream: Any = None,
+    file_name: str = LOG_FILE_NAME,
 ) -> None:
     """Route structlog and the standard library through one JSON renderer.
 
@@ -92,9 +93,11 @@ def configure_logging(
     fmt
         ``json`` or ``console`` for the stream; the file under ``log_dir`` is always JSON.
     log_dir
-        Where ``neuroscribe.jsonl`` is written (rotated); None logs to the stream only.
+        Where the JSON-lines file is written (rotated); None logs to the stream only.
     stream
         Defaults to stdout.
+    file_name
+        The file under ``log_dir`` (each process writes and rotates its own).
     """
     _silence_identifier_logging()
     structlog.configure(
@@ -129,7 +132,7 @@ def configure_logging(
     if log_dir is not None:
         log_dir.mkdir(parents=True, exist_ok=True)
         file_handler = logging.handlers.RotatingFileHandler(
-            log_dir / LOG_FILE_NAME, maxBytes=_LOG_FILE_BYTES, backupCount=_LOG_FILE_BACKUPS
+            log_dir / file_name, maxBytes=_LOG_FILE_BYTES, backupCount=_LOG_FILE_BACKUPS
         )
         file_handler.setFormatter(formatter(json_renderer))
         handlers.append(file_handler)

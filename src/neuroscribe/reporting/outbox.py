@@ -18,6 +18,11 @@ letter with the reason; RETRY schedules the next attempt after :func:`backoff_de
 has been failing for ``outbox.dead_letter_after_seconds`` (or ``outbox.max_attempts`` attempts), when
 it becomes a dead letter too. Dead letters wait for an operator: ``neuroscribe outbox retry|drop``.
 
+A destination with ``tls.enabled`` is reached over DICOM TLS or MLLP over TLS with the client
+context of :func:`neuroscribe.tls.client_context`, built on first use (:meth:`Outbox.check_tls` builds
+them all at once, for start-up). Every delivered item is an audit event ``report_sent``, every dead
+letter ``report_dead`` (:mod:`neuroscribe.audit`).
+
 Logs carry item and report IDs, destinations, outcomes and reasons (which the SCU and MLLP client keep
 free of patient data), and UIDs only as :func:`~neuroscribe.log.hash_uid`; never report text.
 """
@@ -30,6 +35,7 @@ import random
 import re
 import shutil
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -41,11 +47,12 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import generate_uid
 
+from neuroscribe import audit, failpoints
 from neuroscribe.config import OutboxSettings, PacsDestination, RisDestination, Settings
 from neuroscribe.dicom_io import scu
 from neuroscribe.dicom_io.scu import Outcome, PacsPeer, Timeouts
 from neuroscribe.durable import atomic_file, fsync_dir
-from neuroscribe.errors import NeuroScribeError
+from neuroscribe.errors import ConfigError, NeuroScribeError
 from neuroscribe.log import get_logger, hash_uid
 from neuroscribe.reporting import mllp
 from neuroscribe.reporting.draft import DraftReport
@@ -61,6 +68,7 @@ from neuroscribe.store import (
     ReportRecord,
 )
 from neuroscribe.store.outbox import DEFAULT_CLAIM_LIMIT, sortable_id
+from neuroscribe.tls import client_context
 
 __all__ = [
     "AttemptResult",
@@ -189,8 +197,11 @@ class Outbox:
         self.clock = clock
         self.rng = rng or random.Random()
         self.root = reports_dir(settings)
+        #: This node's name on the leases it takes (one service per host and database).
+        self.node = socket.gethostname()
         self._pacs = {d.name: d for d in settings.pacs}
         self._ris = {d.name: d for d in settings.ris}
+        self._tls_contexts: dict[Destination, ssl.SSLContext] = {}
 
     # -- destinations --------------------------------------------------------------------------
 
@@ -200,11 +211,41 @@ class Outbox:
                 + [Destination(DestinationKind.RIS, name) for name in self._ris])
 
     def pacs_peer(self, destination: PacsDestination) -> PacsPeer:
-        """The SCU's peer for a ``[[pacs]]`` table (calling AE title defaults to ``dicom.ae_title``)."""
+        """The SCU's peer for a ``[[pacs]]`` table (calling AE title defaults to ``dicom.ae_title``).
+
+        Raises ConfigError when its ``tls`` files cannot be used (see :meth:`tls_context`).
+        """
         return PacsPeer(
             ae_title=destination.ae_title, host=destination.host, port=destination.port,
             calling_ae_title=destination.calling_ae_title or self.settings.dicom.ae_title,
+            ssl_context=self.tls_context(destination),
         )
+
+    def tls_context(self, destination: PacsDestination | RisDestination) -> ssl.SSLContext | None:
+        """The destination's client TLS context (built once, then reused); None when TLS is off.
+
+        Raises
+        ------
+        ConfigError
+            A ``tls`` file is missing or unusable; the message names the key (``pacs[0].tls.ca_file``).
+        """
+        if not destination.tls.enabled:
+            return None
+        is_pacs = isinstance(destination, PacsDestination)
+        key = Destination(DestinationKind.PACS if is_pacs else DestinationKind.RIS, destination.name)
+        context = self._tls_contexts.get(key)
+        if context is None:
+            tables: tuple[PacsDestination | RisDestination, ...] = (
+                self.settings.pacs if is_pacs else self.settings.ris)
+            index = next(i for i, d in enumerate(tables) if d.name == destination.name)
+            context = client_context(destination.tls, key=f"{key.kind.value}[{index}].tls")
+            self._tls_contexts[key] = context
+        return context
+
+    def check_tls(self) -> None:
+        """Build every destination's TLS context now, so that a bad file stops the start (ConfigError)."""
+        for destination in (*self.settings.pacs, *self.settings.ris):
+            self.tls_context(destination)
 
     def _ris_encoding(self, destination: RisDestination) -> str:
         return destination.encoding or self.settings.hl7.charset
@@ -320,8 +361,9 @@ class Outbox:
         """One pass: try every item due by ``now`` (default: the clock) once; returns the attempts."""
         now = self.clock() if now is None else now
         results = []
-        for item in self.store.claim_due(now, self._lease_seconds()):
+        for item in self.store.claim_due(now, self._lease_seconds(), holder=self.node):
             outcome, reason = self._attempt(item)
+            failpoints.hit(f"outbox.after_send.{item.destination.kind.value}")
             results.append(self._record(item, outcome, reason, now))
         return results
 
@@ -345,6 +387,9 @@ class Outbox:
             if ris is None:
                 return Outcome.DEAD, f"destination {item.destination} is no longer configured"
             return self._send_oru(report, ris)
+        except ConfigError as exc:  # TLS files: the message names key and path, no patient data
+            LOG.error("outbox attempt failed: configuration", item_id=item.item_id, error=str(exc))
+            return Outcome.RETRY, f"configuration: {exc}"
         except NeuroScribeError as exc:
             LOG.warning("outbox attempt failed", item_id=item.item_id, error_type=type(exc).__name__)
             return Outcome.RETRY, f"{type(exc).__name__} before the attempt finished"
@@ -383,7 +428,8 @@ class Outbox:
             return Outcome.DEAD, data
         result = mllp.deliver(destination.host, destination.port, data.decode(ER7_FILE_ENCODING),
                               report.control_id, timeout=destination.timeout_seconds,
-                              encoding=self._ris_encoding(destination))
+                              encoding=self._ris_encoding(destination),
+                              ssl_context=self.tls_context(destination))
         return Outcome(result.outcome.value), result.reason
 
     def _record(self, item: OutboxItem, outcome: Outcome, reason: str, now: float) -> AttemptResult:
@@ -421,15 +467,35 @@ class Outbox:
             LOG.warning("outbox attempt", **fields)
         else:
             LOG.info("outbox attempt", **fields)
+        if state is not OutboxState.PENDING:
+            self._audit(item, state, attempts, reason)
         return result
+
+    def _audit(self, item: OutboxItem, state: OutboxState, attempts: int, reason: str) -> None:
+        """``report_sent`` for a delivered item, ``report_dead`` for a dead letter."""
+        try:
+            report = self.store.report(item.report_id)
+        except NeuroScribeError:
+            report = None
+        fields = {"destination_kind": item.destination.kind.value, "destination": item.destination.name,
+                  "report_id": item.report_id, "item_id": item.item_id, "attempts": attempts,
+                  "sr_uid_hash": hash_uid(report.sr_sop_instance_uid) if report is not None else None}
+        if state is OutboxState.DELIVERED:
+            audit.record("report_sent", "success", **fields)
+        else:
+            audit.record("report_dead", "failure", reason=reason, **fields)
 
     # -- service -------------------------------------------------------------------------------
 
     def recover(self) -> int:
-        """At start-up: remove report folders no row refers to (a crash before the commit).
+        """At start-up: remove report folders no row refers to (a crash before the commit), and free
+        this node's leases (attempts a crash cut short are due again at once).
 
         Call before delivery starts. Returns how many folders were removed.
         """
+        released = self.store.release_leases(self.node, self.clock())
+        if released:
+            LOG.info("outbox leases released", items=released)
         if not self.root.is_dir():
             return 0
         known = self.store.report_ids()
@@ -444,9 +510,10 @@ class Outbox:
                  **{state.value: n for state, n in self.store.counts().items()})
         return removed
 
-    def run_forever(self, stop_event: threading.Event) -> None:
+    def run_forever(self, stop_event: threading.Event, wake: threading.Event | None = None) -> None:
         """Deliver due items every ``outbox.poll_seconds`` until ``stop_event`` is set (a thread's body).
 
+        ``wake``, when given and set (a report was just queued), starts the next pass at once.
         Never run it on an association thread: an attempt waits for network timeouts.
         """
         poll = self.settings.outbox.poll_seconds
@@ -459,11 +526,15 @@ class Outbox:
             except Exception:  # keep delivering: one bad pass must not stop the service
                 LOG.exception("outbox pass failed unexpectedly; retrying next poll")
             if claimed < DEFAULT_CLAIM_LIMIT:  # a full batch means more may be due now
-                stop_event.wait(poll)
+                if wake is None:
+                    stop_event.wait(poll)
+                elif wake.wait(poll):
+                    wake.clear()
 
-    def start(self, stop_event: threading.Event) -> threading.Thread:
+    def start(self, stop_event: threading.Event, wake: threading.Event | None = None) -> threading.Thread:
         """:meth:`run_forever` on a new daemon thread named ``outbox``; returns the started thread."""
-        thread = threading.Thread(target=self.run_forever, args=(stop_event,), name="outbox", daemon=True)
+        thread = threading.Thread(target=self.run_forever, args=(stop_event, wake), name="outbox",
+                                  daemon=True)
         thread.start()
         return thread
 
@@ -475,16 +546,28 @@ class Outbox:
         results = []
         for pacs in self.settings.pacs:
             seconds = min(pacs.timeout_seconds, timeout or pacs.timeout_seconds)
-            echo = scu.echo(self.pacs_peer(pacs), timeout=Timeouts.of(seconds))
-            results.append(HealthResult(Destination(DestinationKind.PACS, pacs.name), echo.ok, echo.reason))
+            destination = Destination(DestinationKind.PACS, pacs.name)
+            try:
+                peer = self.pacs_peer(pacs)
+            except ConfigError as exc:
+                results.append(HealthResult(destination, False, f"configuration: {exc}"))
+                continue
+            echo = scu.echo(peer, timeout=Timeouts.of(seconds))
+            results.append(HealthResult(destination, echo.ok, echo.reason))
         for ris in self.settings.ris:
             seconds = min(ris.timeout_seconds, timeout or ris.timeout_seconds)
             destination = Destination(DestinationKind.RIS, ris.name)
             try:
-                with socket.create_connection((ris.host, ris.port), timeout=seconds):
+                context = self.tls_context(ris)
+                with socket.create_connection((ris.host, ris.port), timeout=seconds) as sock:
+                    if context is not None:  # the handshake proves certificates and host name
+                        context.wrap_socket(sock, server_hostname=ris.host).close()
                     results.append(HealthResult(destination, True, "connected"))
-            except OSError as exc:
-                reason = f"cannot connect to {ris.host}:{ris.port}: {exc.strerror or type(exc).__name__}"
+            except ConfigError as exc:
+                results.append(HealthResult(destination, False, f"configuration: {exc}"))
+            except OSError as exc:  # ssl.SSLError included
+                why = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+                reason = f"cannot connect to {ris.host}:{ris.port}: {why}"
                 results.append(HealthResult(destination, False, reason))
         return results
 
