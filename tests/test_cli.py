@@ -18,6 +18,7 @@ from tests.conftest import free_port
 def _isolated(isolated_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Storage under tmp_path (conftest's isolated_root), a free port, no disk floor."""
     monkeypatch.setenv("NEUROSCRIBE_DICOM__PORT", str(free_port()))
+    monkeypatch.setenv("NEUROSCRIBE_HTTP__PORT", str(free_port()))
     monkeypatch.setenv("NEUROSCRIBE_STORAGE__MIN_FREE_BYTES", "0")
     return isolated_root
 
@@ -37,8 +38,9 @@ def test_doctor_passes_on_a_fresh_root(capsys: pytest.CaptureFixture[str], _isol
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     lines = _lines(out)
-    for name in ("config", "storage.root", "disk", "database", "dicom.port"):
+    for name in ("config", "storage.root", "disk", "database", "dicom.port", "http.port", "tls", "model"):
         assert lines[name].startswith("[ok  ]"), out
+    assert "demo: neuroscribe-demo-cvit" in lines["model"]  # what serve would run, loaded once
     assert str(_isolated.resolve()) in lines["storage.root"]
     assert "schema version" in lines["database"]
     assert "is free" in lines["dicom.port"]
@@ -147,3 +149,14 @@ def test_missing_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) ->
         main([])
     assert info.value.code == 2
     assert "usage: neuroscribe" in capsys.readouterr().err
+
+
+def test_doctor_fails_on_an_unusable_tls_file(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """An enabled [dicom.tls] whose certificate is missing fails the 'tls' check, naming the key."""
+    monkeypatch.setenv("NEUROSCRIBE_DICOM__TLS", f'{{"enabled": true, "cert_file": "{tmp_path}/no.pem", '
+                                                f'"key_file": "{tmp_path}/no.key"}}')
+    assert main(["doctor"]) == 1
+    line = _lines(capsys.readouterr().out)["tls"]
+    assert line.startswith("[FAIL]") and "dicom.tls.cert_file" in line

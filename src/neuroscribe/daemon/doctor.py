@@ -52,19 +52,55 @@ def run_checks(settings: Settings, model: Path | None = None) -> list[Check]:
         db.close()
     except StoreError as exc:
         checks.append(Check("database", False, str(exc)))
-    free_port = port_is_free(settings.dicom.bind, settings.dicom.port)
-    checks.append(Check(
-        "dicom.port", free_port,
-        f"{settings.dicom.bind}:{settings.dicom.port} "
-        + ("is free" if free_port else "is in use (is NeuroScribe already running?)"),
-    ))
+    listeners = [("dicom.port", settings.dicom.bind, settings.dicom.port)]
+    if settings.http.enabled and settings.http.port:
+        listeners.append(("http.port", settings.http.bind, settings.http.port))
+    if settings.learning.enabled and settings.learning.port:
+        listeners.append(("learning.port", settings.learning.bind, settings.learning.port))
+    for name, bind, port in listeners:
+        free_port = port_is_free(bind, port)
+        checks.append(Check(name, free_port, f"{bind}:{port} "
+                            + ("is free" if free_port else "is in use (is NeuroScribe already running?)")))
+    checks.append(_tls_check(settings))
     for tool in TOOLS:
         path = shutil.which(tool)
         checks.append(Check(f"tool {tool}", path is not None, path or "not on PATH", required=False))
     checks.append(_onnxruntime_check())
     if model is not None:
         checks.append(_model_check(model))
+    else:  # the bundle the service would serve
+        from neuroscribe.daemon.worker import resolve_bundle
+
+        choice = resolve_bundle(settings)
+        if choice is None:
+            checks.append(Check("model", False, "no model: set [models] bundle or promote one into the "
+                                "registry (neuroscribe models promote)"))
+        else:
+            check = _model_check(choice.path)
+            checks.append(Check(check.name, check.ok, f"{choice.source}: {check.detail}", check.required))
     return checks
+
+
+def _tls_check(settings: Settings) -> Check:
+    """Every enabled TLS setting builds its context (files exist, key matches certificate)."""
+    from neuroscribe.errors import ConfigError
+    from neuroscribe.tls import client_context, server_context
+
+    enabled = []
+    try:
+        for key, tls in (("dicom.tls", settings.dicom.tls), ("learning.tls", settings.learning.tls)):
+            if tls.enabled:
+                server_context(tls, key=key)
+                enabled.append(key)
+        for kind, destinations in (("pacs", settings.pacs), ("ris", settings.ris)):
+            for index, destination in enumerate(destinations):
+                if destination.tls.enabled:
+                    client_context(destination.tls, key=f"{kind}[{index}].tls")
+                    enabled.append(f"{kind}[{index}].tls")
+    except ConfigError as exc:
+        return Check("tls", False, str(exc))
+    return Check("tls", True, ", ".join(enabled) + " load" if enabled else "not enabled anywhere",
+                 required=bool(enabled))
 
 
 def _onnxruntime_check() -> Check:
