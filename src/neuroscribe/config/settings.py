@@ -40,6 +40,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _check_ip_address(value: str) -> str:
+    ipaddress.ip_address(value)  # raises ValueError naming the bad value
+    return value
+
+
+def _check_networks(value: tuple[str, ...]) -> tuple[str, ...]:
+    for net in value:
+        ipaddress.ip_network(net, strict=False)  # raises ValueError naming the bad value
+    return value
+
+
 def _check_ae_title(value: str) -> str:
     if not _AE_TITLE.match(value) or not value.strip():
         raise ValueError("an AE title is 1 to 16 printable ASCII characters, not all spaces, no '\\'")
@@ -118,18 +129,9 @@ class DicomSettings(_Section):
     def _allowed_aes(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_check_ae_title(v) for v in value)
 
-    @field_validator("allowed_networks")
-    @classmethod
-    def _allowed_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for net in value:
-            ipaddress.ip_network(net, strict=False)  # raises ValueError naming the bad value
-        return value
+    _allowed_networks = field_validator("allowed_networks")(_check_networks)
 
-    @field_validator("bind")
-    @classmethod
-    def _bind(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
+    _bind = field_validator("bind")(_check_ip_address)
 
     @field_validator("tls")
     @classmethod
@@ -403,11 +405,7 @@ class HttpSettings(_Section):
     #: 0 picks a free port (logged at start; tests use it).
     port: int = Field(9466, ge=0, le=65535)
 
-    @field_validator("bind")
-    @classmethod
-    def _bind(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
+    _bind = field_validator("bind")(_check_ip_address)
 
 
 class InferenceSettings(_Section):
@@ -468,18 +466,9 @@ class LearningSettings(_Section):
     #: Pair only when the report's PID-3 is the series' PatientID (compared as keyed hashes).
     check_patient_id: bool = True
 
-    @field_validator("bind")
-    @classmethod
-    def _bind(cls, value: str) -> str:
-        ipaddress.ip_address(value)
-        return value
+    _bind = field_validator("bind")(_check_ip_address)
 
-    @field_validator("allowed_networks")
-    @classmethod
-    def _allowed_networks(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for net in value:
-            ipaddress.ip_network(net, strict=False)
-        return value
+    _allowed_networks = field_validator("allowed_networks")(_check_networks)
 
     @field_validator("tls")
     @classmethod

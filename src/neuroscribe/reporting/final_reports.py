@@ -40,7 +40,7 @@ import socketserver
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -69,6 +69,7 @@ from neuroscribe.reporting.hl7 import (
     escape,
     is_control_id,
     parse_oru,
+    split_segments,
     unescape,
 )
 from neuroscribe.reporting.mllp import END_BLOCK, START_BLOCK
@@ -151,22 +152,7 @@ _MIN_NAME = 2
 _MIN_ID = 3
 
 
-def _split(er7: str) -> tuple[Delimiters, list[list[str]]]:
-    """Segments as lists of raw fields, ``fields[n]`` being SEG-n (MSH too)."""
-    lines = [line for line in re.split(r"\r\n|\r|\n", er7.strip("\x0b\x1c\r\n ")) if line]
-    if not lines:
-        raise Hl7ParseError("empty message")
-    d = Delimiters.from_msh(lines[0])
-    segments = []
-    for line in lines:
-        parts = line.split(d.field)
-        if parts[0] == "MSH":
-            parts = ["MSH", d.field, *parts[1:]]
-        segments.append(parts)
-    return d, segments
-
-
-def _field(parts: list[str], index: int) -> str:
+def _field(parts: Sequence[str], index: int) -> str:
     return parts[index] if index < len(parts) else ""
 
 
@@ -175,7 +161,7 @@ def message_names(er7: str) -> tuple[list[str], list[str]]:
 
     Raises :class:`Hl7ParseError` if it has no MSH.
     """
-    d, segments = _split(er7)
+    d, segments = split_segments(er7)
     names: set[str] = set()
     identifiers: set[str] = set()
     for segment in segments:
@@ -270,7 +256,7 @@ class _Header:
 
 
 def _header(er7: str) -> _Header:
-    d, segments = _split(er7)
+    d, segments = split_segments(er7)
     msh = segments[0]
 
     def value(index: int, component: int = 1) -> str:

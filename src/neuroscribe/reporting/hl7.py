@@ -76,6 +76,7 @@ __all__ = [
     "is_control_id",
     "parse_ack",
     "parse_oru",
+    "split_segments",
     "unescape",
 ]
 
@@ -508,6 +509,24 @@ def _field(parts: list[str], index: int) -> str:
     return parts[index] if index < len(parts) else ""
 
 
+def split_segments(er7: str) -> tuple[Delimiters, tuple[tuple[str, ...], ...]]:
+    """The message's delimiters and its segments as raw fields; ``fields[n]`` is SEG-n (MSH too).
+
+    Takes CR, LF or CRLF segment ends and strips MLLP framing. Raises :class:`Hl7ParseError`.
+    """
+    lines = [line for line in re.split(r"\r\n|\r|\n", er7.strip("\x0b\x1c\r\n ")) if line]
+    if not lines:
+        raise Hl7ParseError("empty message")
+    d = Delimiters.from_msh(lines[0])
+    segments = []
+    for line in lines:
+        parts = line.split(d.field)
+        if parts[0] == "MSH":
+            parts = ["MSH", d.field, *parts[1:]]
+        segments.append(tuple(parts))
+    return d, tuple(segments)
+
+
 @dataclass(frozen=True)
 class _Er7:
     """A message split into segments of fields; ``fields[n]`` is SEG-n for every segment, MSH too."""
@@ -517,17 +536,7 @@ class _Er7:
 
     @classmethod
     def read(cls, er7: str) -> _Er7:
-        lines = [line for line in re.split(r"\r\n|\r|\n", er7.strip("\x0b\x1c\r\n ")) if line]
-        if not lines:
-            raise Hl7ParseError("empty message")
-        d = Delimiters.from_msh(lines[0])
-        segments = []
-        for line in lines:
-            parts = line.split(d.field)
-            if parts[0] == "MSH":
-                parts = ["MSH", d.field, *parts[1:]]
-            segments.append(tuple(parts))
-        return cls(d, tuple(segments))
+        return cls(*split_segments(er7))
 
     def all(self, name: str) -> list[tuple[str, ...]]:
         return [s for s in self.segments if s[0] == name]
