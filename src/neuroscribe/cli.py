@@ -38,6 +38,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "the model registry: list bundles, promote one through the FORTE gate, roll back"),
     "infer": ("neuroscribe.daemon.commands.infer",
               "draft the report of one CT series with a model bundle (ONNX Runtime; an AI draft)"),
+    "demo": ("neuroscribe.daemon.commands.demo",
+             "push a synthetic head CT to the running service and show the SR and ORU it drafted"),
+    "retrain": ("neuroscribe.daemon.commands.retrain",
+                "one retraining check: train on new paired studies, promote through the FORTE gate"),
 }
 
 #: Commands that write the service's log file under storage.root (others log to stdout only).
