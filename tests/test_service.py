@@ -12,7 +12,9 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -347,3 +349,18 @@ def test_the_sites_final_report_becomes_a_training_pair(server_factory: ServerFa
     finally:
         store.db.close()
     assert {"retention", "final-report-pairing"} <= scheduled
+
+
+def test_a_port_in_use_stops_the_start_with_the_key_named(server_factory: ServerFactory) -> None:
+    """HTTP port taken: exit 1 with 'http.port = N: ... in use', no traceback, no worker left behind."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        server = server_factory(NEUROSCRIBE_HTTP__PORT=str(port))
+        result = subprocess.run([sys.executable, "-m", "neuroscribe", "serve"], env=server.env,
+                                capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert f"http.port = {port}: cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert '"drafting worker stopped"' in result.stdout or '"drafting worker spawned"' not in result.stdout

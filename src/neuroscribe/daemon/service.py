@@ -22,11 +22,13 @@ the outbox ends its attempt in progress, and the process exits.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
@@ -41,7 +43,7 @@ from neuroscribe.daemon.worker import WorkerSupervisor
 from neuroscribe.dicom_io.scp import StorageSCP, recover_unrecorded
 from neuroscribe.dicom_io.series import SeriesAssembler
 from neuroscribe.dicom_io.spool import Spool
-from neuroscribe.errors import NeuroScribeError
+from neuroscribe.errors import ConfigError, NeuroScribeError
 from neuroscribe.log import get_logger
 from neuroscribe.reporting.final_reports import FinalReportListener
 from neuroscribe.reporting.outbox import Outbox
@@ -132,10 +134,13 @@ class Service:
         self._threads.append(self._thread(self._assemble_forever, "series-assembler"))
         self._start_scheduler()
         if self.final_reports is not None:
-            self.final_reports_address = self.final_reports.start()
+            with _listening("learning.port", s.learning.bind, s.learning.port):
+                self.final_reports_address = self.final_reports.start()
         if self.http is not None:
-            self.http_address = self.http.start()
-        address = self.scp.start()
+            with _listening("http.port", s.http.bind, s.http.port):
+                self.http_address = self.http.start()
+        with _listening("dicom.port", s.dicom.bind, s.dicom.port):
+            address = self.scp.start()
         self.systemd.ready(f"Receiving as {s.dicom.ae_title} on {address[0]}:{address[1]}; "
                            f"{open_series} open series at start", self.heartbeats)
         return address
@@ -293,6 +298,17 @@ class Service:
                        for r in self.outbox.check_health(timeout=_DESTINATION_TIMEOUT)]
             self._destinations = (self.clock(), results)
         return results
+
+
+@contextmanager
+def _listening(key: str, bind: str, port: int) -> Iterator[None]:
+    """Turn a listener's bind failure into an error that names the setting, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        hint = " (is NeuroScribe already running?)" if exc.errno == errno.EADDRINUSE else ""
+        raise ConfigError(f"{key} = {port}: cannot listen on {bind}:{port}: "
+                          f"{exc.strerror or type(exc).__name__}{hint}") from None
 
 
 # -- scheduler jobs (module-level: APScheduler stores them by name in the state database) ------------

@@ -41,7 +41,7 @@ from typing import Any
 import neuroscribe
 from neuroscribe import failpoints
 from neuroscribe.config import Settings
-from neuroscribe.errors import NeuroScribeError
+from neuroscribe.errors import NeuroScribeError, VolumeError
 from neuroscribe.log import configure_logging, get_logger, hash_uid
 from neuroscribe.store import Database, JobRow, JobState, JobStore, StateStore, accession_key
 
@@ -51,8 +51,6 @@ LOG = get_logger(__name__)
 DEMO_BUNDLE = Path(neuroscribe.__file__).resolve().parents[2] / "models" / "demo" / "bundle"
 #: The worker's own log file beside the service's (two processes must not rotate one file).
 WORKER_LOG_FILE = "worker.jsonl"
-#: Deterministic refusals of a series (unreadable files, volume checks): no point in retrying.
-_PERMANENT_ERRORS = ("DraftError", "VolumeCheckError", "VolumeError", "ModelGridError")
 #: Restart delays after the worker died, growing to this ceiling.
 _RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 60.0)
 _PR_SET_PDEATHSIG = 1
@@ -162,7 +160,7 @@ class DraftingWorker:
         try:
             record, accession = self._draft(job)
         except NeuroScribeError as exc:
-            permanent = type(exc).__name__ in _PERMANENT_ERRORS
+            permanent = _is_permanent(exc)
             state = self.jobs.mark_failed(job.job_id, str(exc), self.clock(),
                                           1 if permanent else self.settings.inference.max_attempts)
             log.warning("job failed", error=type(exc).__name__, reason=str(exc),
@@ -205,6 +203,14 @@ class DraftingWorker:
             if job is None and wake.wait(poll):
                 wake.clear()
         self.db.close()
+
+
+def _is_permanent(exc: NeuroScribeError) -> bool:
+    """A refusal of the series itself (unreadable files, volume checks): retrying cannot help."""
+    from neuroscribe.dicom_io.model_input import ModelGridError
+    from neuroscribe.reporting.drafting import DraftError
+
+    return isinstance(exc, DraftError | VolumeError | ModelGridError)
 
 
 def worker_main(settings_json: str, worker_id: str, events: Any, stop: Any, wake: Any,
