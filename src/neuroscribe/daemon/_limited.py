@@ -30,7 +30,8 @@ CPU_HARD_GRACE_SECONDS = 5
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent: int) -> None:
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when ``parent`` dies (``kill -9`` included)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         resource.setrlimit(resource.RLIMIT_CPU, (args.cpu_seconds, args.cpu_seconds + CPU_HARD_GRACE_SECONDS))
     if args.nice > 0:
         os.nice(args.nice)
-    _die_with_parent(args.parent)
+    die_with_parent(args.parent)
     data = resource.getrlimit(resource.RLIMIT_DATA)
     cpu = resource.getrlimit(resource.RLIMIT_CPU)
     print(json.dumps({"event": "resource_limits", "pid": os.getpid(), "pgid": os.getpgrp(),

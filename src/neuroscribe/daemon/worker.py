@@ -24,8 +24,6 @@ so a job redone after a crash finds its report instead of making a second one.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import multiprocessing
 import multiprocessing.synchronize
 import os
@@ -41,6 +39,7 @@ from typing import Any
 import neuroscribe
 from neuroscribe import failpoints
 from neuroscribe.config import Settings
+from neuroscribe.daemon._limited import die_with_parent
 from neuroscribe.errors import NeuroScribeError, VolumeError
 from neuroscribe.log import configure_logging, get_logger, hash_uid
 from neuroscribe.store import Database, JobRow, JobState, JobStore, StateStore, accession_key
@@ -53,7 +52,6 @@ DEMO_BUNDLE = Path(neuroscribe.__file__).resolve().parents[2] / "models" / "demo
 WORKER_LOG_FILE = "worker.jsonl"
 #: Restart delays after the worker died, growing to this ceiling.
 _RESTART_DELAYS = (1.0, 2.0, 5.0, 15.0, 60.0)
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -80,14 +78,6 @@ def resolve_bundle(settings: Settings) -> ModelChoice | None:
 
 
 # -- the worker process ------------------------------------------------------------------------
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when the service dies (``kill -9`` included)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
 
 
 class DraftingWorker:
@@ -216,7 +206,7 @@ def _is_permanent(exc: NeuroScribeError) -> bool:
 def worker_main(settings_json: str, worker_id: str, events: Any, stop: Any, wake: Any,
                 parent_pid: int) -> None:
     """Entry point of the spawned process (settings travel as JSON: they are already validated)."""
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     settings = Settings.model_validate_json(settings_json)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the service decides when the worker stops
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
