@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from neuroscribe.store import (
     StateStore,
     accession_key,
 )
+from tests.conftest import logging_restored
 
 
 @pytest.fixture
@@ -150,3 +152,31 @@ def test_a_restart_requeues_inferring_jobs_and_a_late_instance_supersedes(db: Da
     assert jobs.supersede(job.job_id, 25.0)
     assert not jobs.supersede(job.job_id, 26.0)
     assert jobs.counts()[JobState.SUPERSEDED] == 1
+
+
+def test_jobs_command_lists_hashed_series_and_retries_failed_jobs(
+    db: Database, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``neuroscribe jobs list`` shows no UID in clear; ``retry`` queues failed jobs and refuses others."""
+    from neuroscribe.cli import main
+    from neuroscribe.log import hash_uid
+
+    selected_series(db, "1.2.826.99.7")
+    jobs = JobStore(db)
+    (job,) = jobs.queue_selected(20.0)
+    claimed = jobs.claim("w", 21.0)
+    assert claimed is not None
+    jobs.mark_failed(job.job_id, "file #3: Pixel Data cannot be decoded", 22.0, max_attempts=1)
+    monkeypatch.setenv("NEUROSCRIBE_STORAGE__ROOT", str(tmp_path))
+    with logging_restored():
+        assert main(["jobs", "list"]) == 0
+        out = capsys.readouterr().out
+        assert job.job_id in out and "failed" in out and hash_uid("1.2.826.99.7") in out
+        assert "1.2.826.99.7" not in out and "cannot be decoded" in out
+        assert main(["jobs", "list", "--json", "--state", "failed"]) == 0
+        (listed,) = json.loads(capsys.readouterr().out)
+        assert listed["series_instance_uid"] == hash_uid("1.2.826.99.7")
+        assert main(["jobs", "retry", job.job_id, "job-unknown"]) == 1
+        out = capsys.readouterr().out
+    assert f"queued {job.job_id}" in out and "unchanged job-unknown" in out
+    assert jobs.counts()[JobState.QUEUED] == 1

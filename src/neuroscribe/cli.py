@@ -28,6 +28,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "check configuration, storage, database, port and tools"),
     "outbox": ("neuroscribe.reporting.outbox_command",
                "the durable outbox of reports: list deliveries, retry dead letters, drop items"),
+    "jobs": ("neuroscribe.daemon.commands.jobs",
+             "report jobs: list them (state, attempts, reason), queue failed ones again"),
     "evaluate": ("neuroscribe.training.metrics.command",
                  "score candidate reports against references: FORTE and captioning metrics"),
     "synth": ("neuroscribe.training.synth.command",

@@ -58,7 +58,7 @@ def _list(store: OutboxStore, args: argparse.Namespace) -> int:
     print(" ".join(f"{name:<{width}}" for name, width in _COLUMNS) + " LAST REASON")
     for item in items:
         cells = (item.item_id, item.state.value, str(item.destination), str(item.attempts),
-                 _when(item.next_attempt_at), item.report_id)
+                 format_utc(item.next_attempt_at), item.report_id)
         line = " ".join(f"{cell:<{width}}" for cell, (_, width) in zip(cells, _COLUMNS, strict=True))
         print(f"{line} {item.last_reason or '-'}")
     return 0
@@ -88,5 +88,6 @@ def _change(store: OutboxStore, args: argparse.Namespace) -> int:
     return 1 if unchanged else 0
 
 
-def _when(moment: float | None) -> str:
+def format_utc(moment: float | None) -> str:
+    """A POSIX time as ``YYYY-MM-DD HH:MM:SS`` (UTC), or ``-``."""
     return "-" if moment is None else datetime.fromtimestamp(moment, UTC).strftime("%Y-%m-%d %H:%M:%S")
