@@ -104,6 +104,8 @@ def main() -> int:
         seconds = time.perf_counter() - started
         scores = score_reports(refs, candidates, ids)
         scores["seconds_to_decode"] = round(seconds, 1)
+        # does the report change with the image? (1 / n: one report for every study)
+        scores["distinct_report_fraction"] = round(len(set(candidates)) / max(1, len(candidates)), 3)
         scores["examples"] = [{"reference": r, "candidate": c} for r, c in zip(refs[:3], candidates[:3],
                                                                                strict=True)]
         results[profile] = scores

@@ -236,3 +236,28 @@ def test_feature_norm_is_batch_independent_at_inference():
         alone = model.encode_image(images[1:])
     assert torch.allclose(both[1:], alone, atol=1e-5)
     assert model.feature_norm.num_batches_tracked.item() == 1
+
+
+def test_keyword_head_trains_the_image_path_and_stays_out_of_the_export(tmp_path, tokenizer, prompt):
+    """aux_keywords adds a head on the visual tokens: its BCE reaches the slice encoder; export ignores it."""
+    from neuroscribe.training.export import export_onnx
+
+    torch.manual_seed(0)
+    assert CvitModel(tiny_config(len(tokenizer))).keyword_head is None
+    model = CvitModel(tiny_config(len(tokenizer), aux_keywords=5))
+    ids, mask, labels = batch(tokenizer, prompt, REPORTS)
+    out = model(toy_images(), ids, mask, labels)
+    assert out.keyword_logits is not None and out.keyword_logits.shape == (2, 5)
+    targets = torch.tensor([[1.0, 0, 0, 1, 0], [0, 1, 1, 0, 0]])
+    F.binary_cross_entropy_with_logits(out.keyword_logits, targets).backward()
+    assert model.slice_encoder.convs[0].weight.grad.abs().sum() > 0  # the image path learns from it
+    assert all(p.grad is None for p in model.lm.parameters())  # the LM does not
+    with pytest.raises(ValueError, match="aux_keywords"):
+        tiny_config(aux_keywords=-1)
+    export_onnx(model, tmp_path / "with")
+    model.set_keyword_head(0)  # same weights without the head
+    assert model.keyword_head is None and model.config.aux_keywords == 0
+    assert not any(k.startswith("keyword_head") for k in model.state_dict())
+    export_onnx(model, tmp_path / "without")
+    for name in ("vision.onnx", "decoder.onnx", "embed_tokens.npy"):
+        assert (tmp_path / "with" / name).read_bytes() == (tmp_path / "without" / name).read_bytes()

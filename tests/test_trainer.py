@@ -188,7 +188,36 @@ def test_a_run_folder_is_not_overwritten_and_resume_needs_the_same_settings(
         train(studies, tmp_path / "empty", TrainConfig(**TINY), resume=True, progress=False)
 
 
+def test_aux_keyword_loss_trains_the_image_path_first_and_stays_out_of_the_record(
+        studies: Path, finished_run: tuple[Path, object], tmp_path: Path) -> None:
+    """aux_keyword_weight adds a keyword head and its loss; its warm-up leaves the LM alone; off, no trace."""
+    run_dir, result = finished_run  # without the option: nothing of it in the config, weights or bundle
+    assert not any(k.startswith("aux_") for k in json.loads((run_dir / "train_config.json").read_text()))
+    assert not any(k.startswith("aux_") for k in load_bundle(result.bundle).manifest["training"]["config"])
+    assert not any(k.startswith("keyword_head") for k in _weights(run_dir / "checkpoints/last.pt"))
+    cfg = TrainConfig(**{**TINY, "aux_keyword_weight": 1.0, "aux_min_count": 2, "aux_warmup_steps": 1,
+                         "max_steps": 1})
+    train(studies, tmp_path / "a", cfg, progress=False)
+    ckpt = torch.load(tmp_path / "a/checkpoints/last.pt", weights_only=True)
+    n = ckpt["model_args"]["aux_keywords"]
+    assert n > 0 and ckpt["model"]["keyword_head.1.weight"].shape[0] == n
+    assert ckpt["config"]["aux_keyword_weight"] == 1.0
+    record = json.loads((tmp_path / "a/metrics.jsonl").read_text().splitlines()[0])
+    assert record["aux_loss"] > 0 and record["loss"] == pytest.approx(record["aux_loss"])  # warm-up: aux only
+    init = train(studies, tmp_path / "b", TrainConfig(**{**TINY, "max_steps": 1, "lr": 1e-9, "min_lr": 1e-9}),
+                 progress=False)
+    assert init.steps == 1
+    # same seed, same initial weights: after one warm-up step the LM is untouched, the image path moved
+    before, after = _weights(tmp_path / "b/checkpoints/last.pt"), ckpt["model"]
+    assert all(torch.allclose(before[k].float(), after[k].float(), atol=1e-6) for k in before
+               if k.startswith("lm."))
+    assert not torch.allclose(before["slice_encoder.convs.0.weight"], after["slice_encoder.convs.0.weight"])
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
+    ("aux_keyword_weight", -1.0, "aux_keyword_weight = -1.0"),
+    ("aux_warmup_steps", 5, "needs aux_keyword_weight"),
+    ("model", {"aux_keywords": 3}, "set aux_keyword_weight instead"),
     ("epochs", 0, "epochs = 0"),
     ("lr", -1.0, "lr = -1.0"),
     ("styles", {"poetry": 1.0}, "'poetry' is not one of"),

@@ -110,6 +110,11 @@ def export_onnx(model: Any, out_dir: str | os.PathLike[str], *, opset: int = 17,
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     was_training = model.training
+    # the training-only keyword head (TrainConfig.aux_keyword_weight) is no part of any graph; taken off
+    # while tracing, so the files are byte for byte those of the same model without it
+    keyword_head = getattr(model, "keyword_head", None)
+    if keyword_head is not None:
+        model.keyword_head = None
     model.eval()
     try:
         d_lm = model.d_lm
@@ -156,6 +161,8 @@ def export_onnx(model: Any, out_dir: str | os.PathLike[str], *, opset: int = 17,
         table = model.lm.get_input_embeddings().weight.detach().float().cpu().numpy()
         np.save(out / "embed_tokens.npy", table)
     finally:
+        if keyword_head is not None:
+            model.keyword_head = keyword_head
         model.train(was_training)
 
     kv = ["batch", heads, "past", head_dim]

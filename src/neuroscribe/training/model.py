@@ -93,11 +93,18 @@ class CvitConfig:
     # --- freezing: frozen parts get requires_grad=False (an optimizer built after sees none of them)
     freeze_lm: bool = False  # the whole LM, embeddings and head included (pretrained LM + adapter)
     freeze_vision: bool = False  # slice encoder + slice positions; resampler and projector still train
+    # Training only: outputs of a keyword head on the visual tokens (0 = no head). The trainer sets it
+    # from its keyword vocabulary when aux_keyword_weight > 0 (TrainConfig); the head never enters
+    # the ONNX export (only encode_image and the LM do), so bundles do not carry it.
+    aux_keywords: int = 0
 
     def __post_init__(self) -> None:
         """Reject settings that could only fail later, naming the field."""
         if not 0.0 <= self.token_dropout < 1.0:
             raise ValueError(f"CvitConfig.token_dropout must be in [0, 1), got {self.token_dropout!r}")
+        n_aux = self.aux_keywords
+        if isinstance(n_aux, bool) or not isinstance(n_aux, int) or n_aux < 0:
+            raise ValueError(f"CvitConfig.aux_keywords must be an int >= 0, got {self.aux_keywords!r}")
         for name in ("slices", "channels", "height", "width", "vision_width", "vision_depth", "d_vision",
                      "vision_pool",
                      "max_slices", "num_latents", "resampler_layers", "resampler_heads", "vocab_size",
@@ -144,6 +151,7 @@ class CvitOutput(NamedTuple):
 
     loss: torch.Tensor | None  # mean cross-entropy over report tokens; None without labels
     logits: torch.Tensor  # (B, K + T, vocab): visual positions first
+    keyword_logits: torch.Tensor | None = None  # (B, aux_keywords) from the visual tokens; None: no head
 
 
 class SliceEncoder(nn.Module):
@@ -260,11 +268,34 @@ class CvitModel(nn.Module):
         self.lm = _build_lm(config, lm_config)
         d_lm = self.lm.get_input_embeddings().embedding_dim
         self.projector = nn.Sequential(nn.Linear(config.d_vision, d_lm), nn.GELU(), nn.Linear(d_lm, d_lm))
+        self.keyword_head: nn.Module | None = None
+        self.set_keyword_head(config.aux_keywords)
         if config.freeze_lm:
             self.lm.requires_grad_(False)
         if config.freeze_vision:
             self.slice_encoder.requires_grad_(False)
             self.slice_pos.requires_grad_(False)
+
+    def set_keyword_head(self, n: int) -> None:
+        """Give the model a fresh training-only keyword head with ``n`` outputs (0 removes it).
+
+        The head reads the mean of the K visual tokens and predicts which report keywords occur
+        (multi-label logits), so the image path gets a supervised signal of its own. (A linear map of
+        all K x d_lm flattened tokens was tried first: with Adam its logits jumped by whole units a
+        step and its loss stayed above the keyword-frequency prior.) An existing head of the same
+        size is kept.
+        """
+        if n == self.config.aux_keywords and (self.keyword_head is not None) == (n > 0):
+            return
+        self.config = dataclasses.replace(self.config, aux_keywords=n)
+        self.keyword_head = nn.Sequential(nn.LayerNorm(self.d_lm), nn.Linear(self.d_lm, n)) if n else None
+        if self.keyword_head is not None:
+            param = next(self.projector.parameters())
+            self.keyword_head.to(device=param.device, dtype=param.dtype)
+
+    def keyword_logits(self, visual: torch.Tensor) -> torch.Tensor | None:
+        """The keyword head's logits (B, aux_keywords) from visual tokens (B, K, d_lm); None: no head."""
+        return None if self.keyword_head is None else self.keyword_head(visual.mean(dim=1))
 
     @property
     def d_lm(self) -> int:
@@ -324,13 +355,14 @@ class CvitModel(nn.Module):
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=_positions(mask),
                       use_cache=False)
         logits = out.logits  # (B, K + T, V)
+        keyword_logits = self.keyword_logits(visual)  # (B, n) or None
         loss = None
         if labels is not None:
             full = torch.cat([labels.new_full((B, K), IGNORE_INDEX), labels], dim=1)  # (B, K + T)
             # position i predicts token i + 1
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                    full[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
-        return CvitOutput(loss, logits)
+        return CvitOutput(loss, logits, keyword_logits)
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompt_ids: torch.Tensor, max_new_tokens: int,

@@ -113,6 +113,11 @@ class TrainConfig:
     warmup_steps: int = 50
     grad_clip: float = 1.0
     vision_lr_scale: float = 1.0  # lr multiplier for the image path (encoder, resampler, projector)
+    # Auxiliary keyword loss: a training-only head predicts from the visual tokens which strict FORTE
+    # keywords the study's report names (labels from the report text); loss = LM + weight x BCE.
+    aux_keyword_weight: float = 0.0  # 0: no head, no extra loss (the model and bundle as before)
+    aux_min_count: int = 5  # keywords in fewer training reports than this are left out of the head
+    aux_warmup_steps: int = 0  # first steps train on the keyword loss alone (the LM gets no gradient)
     seed: int = 0
     checkpoint_every: int = 100  # steps; the epoch end always writes one
     max_steps: int | None = None  # stop early after this many optimizer steps (tests, smoke runs)
@@ -139,6 +144,20 @@ class TrainConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not value > 0:
                 raise TrainConfigError(f"train config {key} = {value!r}: must be a number > 0")
+        if (isinstance(self.aux_keyword_weight, bool) or not isinstance(self.aux_keyword_weight, (int, float))
+                or not self.aux_keyword_weight >= 0):
+            raise TrainConfigError(f"train config aux_keyword_weight = {self.aux_keyword_weight!r}: "
+                                   f"must be a number >= 0")
+        for key, least in (("aux_min_count", 1), ("aux_warmup_steps", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise TrainConfigError(f"train config {key} = {value!r}: must be an integer >= {least}")
+        if self.aux_warmup_steps and not self.aux_keyword_weight:
+            raise TrainConfigError(f"train config aux_warmup_steps = {self.aux_warmup_steps!r}: needs "
+                                   f"aux_keyword_weight > 0")
+        if "aux_keywords" in self.model:
+            raise TrainConfigError(f"train config model.aux_keywords = {self.model['aux_keywords']!r}: set "
+                                   f"aux_keyword_weight instead (the head's size comes from the data)")
         for key in ("max_steps", "val_limit", "threads"):
             value = getattr(self, key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -199,6 +218,52 @@ def load_train_config(path: str | os.PathLike[str] | None, **overrides: Any) -> 
     if unknown:
         raise TrainConfigError(f"train config: unknown keys {unknown}")
     return TrainConfig(**data)
+
+
+_AUX_DEFAULTS = {"aux_keyword_weight": 0.0, "aux_min_count": 5, "aux_warmup_steps": 0}
+
+
+def config_record(cfg: TrainConfig) -> dict[str, Any]:
+    """``asdict(cfg)`` without the aux-keyword keys while they are off.
+
+    Runs without the auxiliary loss record (train_config.json, checkpoints, bundle manifest) exactly
+    what they recorded before the option existed, and older run folders can still be resumed.
+    """
+    record = asdict(cfg)
+    if not cfg.aux_keyword_weight:
+        for key, default in _AUX_DEFAULTS.items():
+            if record.get(key) == default:
+                del record[key]
+    return record
+
+
+def keyword_vocabulary(reports: Sequence[str], min_count: int = 1) -> tuple[str, ...]:
+    """Sorted ``category:keyword`` labels (strict FORTE, positive mentions) in >= ``min_count`` reports."""
+    from collections import Counter
+
+    from neuroscribe.training.metrics.forte import extract_keywords
+
+    counts: Counter[str] = Counter()
+    for report in reports:
+        counts.update(_report_keywords(report, extract_keywords))
+    return tuple(sorted(k for k, n in counts.items() if n >= min_count))
+
+
+def _report_keywords(report: str, extract: Any) -> set[str]:
+    return {f"{category}:{word}" for category, words in extract(report).items() for word in words}
+
+
+def keyword_targets(reports: Sequence[str], vocabulary: Sequence[str]) -> np.ndarray:
+    """(N, len(vocabulary)) float32 multi-hot: which vocabulary keywords each report names."""
+    from neuroscribe.training.metrics.forte import extract_keywords
+
+    column = {k: j for j, k in enumerate(vocabulary)}
+    out = np.zeros((len(reports), len(vocabulary)), np.float32)
+    for i, report in enumerate(reports):
+        for k in _report_keywords(report, extract_keywords):
+            if k in column:
+                out[i, column[k]] = 1.0
+    return out
 
 
 @dataclass(frozen=True)
@@ -324,6 +389,25 @@ def _val_loss(model: CvitModel, tokenizer: Any, split: CachedSplit, prompt: str,
     return total / count
 
 
+@torch.no_grad()
+def _val_keyword_f1(model: CvitModel, split: CachedSplit, vocabulary: Sequence[str], batch_size: int,
+                    limit: int | None, device: torch.device) -> float | None:
+    """Micro F1 of the keyword head (logit > 0) against the reports' keywords."""
+    n = len(split) if limit is None else min(limit, len(split))
+    if n == 0 or model.keyword_head is None:
+        return None
+    targets = torch.from_numpy(keyword_targets([split[i].report for i in range(n)], vocabulary))
+    preds = []
+    for start in range(0, n, batch_size):
+        indices = list(range(start, min(n, start + batch_size)))
+        logits = model.keyword_logits(model.encode_image(_images(split, indices, device)))  # (b, n)
+        preds.append(logits.cpu() > 0)
+    pred = torch.cat(preds).float()
+    tp = float((pred * targets).sum())
+    denom = float(pred.sum() + targets.sum())
+    return 2 * tp / denom if denom else None
+
+
 def evaluate_model(model: CvitModel, tokenizer: Any, split: CachedSplit, prompt: str, *,
                    max_new_tokens: int, batch_size: int = 16, limit: int | None = None,
                    captioning: bool = True) -> tuple[dict[str, Any], list[str]]:
@@ -437,7 +521,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
     if resume:
         if not (ckpt_dir / LAST).exists():
             raise TrainConfigError(f"--resume: no checkpoint at {ckpt_dir / LAST}")
-        saved, now = json.loads(config_path.read_text(encoding="utf-8")), asdict(cfg)
+        saved, now = json.loads(config_path.read_text(encoding="utf-8")), config_record(cfg)
         changed = sorted(k for k in saved.keys() | now.keys()
                          if k != "max_steps" and saved.get(k) != now.get(k))
         if changed:
@@ -448,7 +532,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(config_path, "w") as fh:
-            json.dump(asdict(cfg), fh, indent=2, sort_keys=True)
+            json.dump(config_record(cfg), fh, indent=2, sort_keys=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -463,9 +547,21 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
     mix = cfg.prompt_mix([s.report for s in train_split.studies])
     tokenizer = _tokenizer(cfg, run_dir, index, mix, resume)
     inference_prompt_text = render_prompt(mix.inference_config)
+    vocabulary: tuple[str, ...] = ()
+    targets: torch.Tensor | None = None
+    if cfg.aux_keyword_weight:
+        train_reports = [s.report for s in train_split.studies]
+        vocabulary = keyword_vocabulary(train_reports, cfg.aux_min_count)
+        if not vocabulary:
+            raise TrainConfigError(f"train config aux_keyword_weight = {cfg.aux_keyword_weight!r}: no strict "
+                                   f"FORTE keyword occurs in {cfg.aux_min_count} training reports")
+        targets = torch.from_numpy(keyword_targets(train_reports, vocabulary)).to(dev)
+        LOG.info("aux_keywords", count=len(vocabulary), weight=cfg.aux_keyword_weight,
+                 warmup_steps=cfg.aux_warmup_steps)
 
     model_args = {"bos_id": tokenizer.bos_token_id, "eos_id": tokenizer.eos_token_id,
-                  "pad_id": tokenizer.pad_token_id, **cfg.model, "vocab_size": len(tokenizer)}
+                  "pad_id": tokenizer.pad_token_id, **cfg.model, "vocab_size": len(tokenizer),
+                  "aux_keywords": len(vocabulary)}
     start_step, start_epoch, start_position, best_f1, best_epoch = 0, 0, 0, None, None
     if resume:
         model, ckpt = load_checkpoint(ckpt_dir / LAST, map_location=dev)
@@ -477,11 +573,14 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
         if model.config.grid_shape != CvitConfig.from_grid(cfg.grid, **model_args).grid_shape:
             raise TrainConfigError(f"train config init_from = {cfg.init_from!r}: its model grid "
                                    f"{model.config.grid_shape} differs from this run's {cfg.grid.shape}")
+        model.set_keyword_head(len(vocabulary))  # this run's head (or none), whatever the earlier run had
     else:
         model = CvitModel(CvitConfig.from_grid(cfg.grid, **model_args))
     model.to(dev).train()
     params = [p for p in model.parameters() if p.requires_grad]
     lm_ids = {id(p) for p in model.lm.parameters()}
+    if model.keyword_head is not None:  # a plain head, not the image path: the base learning rate
+        lm_ids |= {id(p) for p in model.keyword_head.parameters()}
     groups = []
     for in_lm, scale in ((True, 1.0), (False, cfg.vision_lr_scale)):
         chosen = [p for p in params if (id(p) in lm_ids) == in_lm]
@@ -510,7 +609,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
              device=str(dev), digest=index.digest[:16])
 
     def checkpoint(name: str, epoch: int, position: int) -> None:
-        save_checkpoint(ckpt_dir / name, model, optimizer, step=step, config=asdict(cfg),
+        save_checkpoint(ckpt_dir / name, model, optimizer, step=step, config=config_record(cfg),
                         extra={"epoch": epoch, "position": position, "best_f1": best_f1,
                                "best_epoch": best_epoch, "torch_rng": torch.get_rng_state().tolist(),
                                "data_digest": index.digest})
@@ -524,12 +623,26 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
             while position < len(order):
                 chunk = order[position:position + global_batch]
                 mine = chunk[rank::world]
+                # the keyword warm-up has a schedule of its own; the LM's starts after it
+                warm = min(cfg.aux_warmup_steps, total_steps - 1)
+                rate = (_lr(cfg, step, warm) if step < warm
+                        else _lr(cfg, step - warm, total_steps - warm))
                 for group in optimizer.param_groups:
-                    group["lr"] = _lr(cfg, step, total_steps) * group["lr_scale"]
+                    group["lr"] = rate * group["lr_scale"]
                 if mine:
                     batch = _train_batch(train_split, mine, tokenizer, mix, cfg.seed, epoch,
                                          position + rank, dev, max_positions)
-                    loss = wrapped(*batch).loss
+                    warmup = step < cfg.aux_warmup_steps
+                    if warmup and world == 1:  # the keyword loss alone: the LM is not even run
+                        keyword_logits = model.keyword_logits(model.encode_image(batch[0]))
+                    else:
+                        out = wrapped(*batch)
+                        loss, keyword_logits = out.loss, out.keyword_logits
+                    if targets is not None:
+                        aux = torch.nn.functional.binary_cross_entropy_with_logits(
+                            keyword_logits.float(), targets[mine])
+                        # warm-up: the keyword loss alone (the LM gets no gradient, AdamW skips it)
+                        loss = cfg.aux_keyword_weight * aux if warmup else loss + cfg.aux_keyword_weight * aux
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if cfg.grad_clip:
@@ -541,8 +654,11 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
                 if rank == 0:
                     value = float(loss.detach())
                     bar.set_postfix(epoch=epoch + 1, loss=f"{value:.3f}")
-                    _append_jsonl(metrics_path, {"kind": "step", "step": step, "epoch": epoch,
-                                                 "loss": value, "lr": optimizer.param_groups[0]["lr"]})
+                    step_record = {"kind": "step", "step": step, "epoch": epoch, "loss": value,
+                                   "lr": optimizer.param_groups[0]["lr"]}
+                    if targets is not None:
+                        step_record["aux_loss"] = float(aux.detach())
+                    _append_jsonl(metrics_path, step_record)
                     if step % cfg.checkpoint_every == 0:
                         checkpoint(LAST, epoch, position)
                 if cfg.max_steps is not None and step >= cfg.max_steps:
@@ -555,14 +671,25 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
             if rank == 0:
                 model.eval()
                 record: dict[str, Any] = {"kind": "val", "epoch": epoch + 1, "step": step}
-                record["val_loss"] = _val_loss(model, tokenizer, val_split, inference_prompt_text,
-                                               cfg.eval_batch_size, cfg.val_limit, dev)
-                if len(val_split):
-                    scores, _ = evaluate_model(model, tokenizer, val_split, inference_prompt_text,
-                                               max_new_tokens=cfg.max_new_tokens,
-                                               batch_size=cfg.eval_batch_size, limit=cfg.val_limit,
-                                               captioning=cfg.captioning)
+                # an epoch spent in the keyword warm-up has an untrained LM: only the head is scored
+                in_warmup = step <= cfg.aux_warmup_steps
+                record["val_loss"] = None if in_warmup else _val_loss(
+                    model, tokenizer, val_split, inference_prompt_text, cfg.eval_batch_size, cfg.val_limit,
+                    dev)
+                if in_warmup:
+                    record["val_keyword_f1"] = _val_keyword_f1(model, val_split, vocabulary,
+                                                               cfg.eval_batch_size, cfg.val_limit, dev)
+                elif len(val_split):
+                    scores, candidates = evaluate_model(model, tokenizer, val_split, inference_prompt_text,
+                                                        max_new_tokens=cfg.max_new_tokens,
+                                                        batch_size=cfg.eval_batch_size, limit=cfg.val_limit,
+                                                        captioning=cfg.captioning)
                     record.update(scores)
+                    # does the report change with the image? 1 / n: the same report for every study
+                    record["distinct_report_fraction"] = len(set(candidates)) / max(1, len(candidates))
+                    if vocabulary:
+                        record["val_keyword_f1"] = _val_keyword_f1(model, val_split, vocabulary,
+                                                                   cfg.eval_batch_size, cfg.val_limit, dev)
                 model.train()
                 _append_jsonl(metrics_path, record)
                 f1 = record.get("forte_strict_mean_f1")
@@ -606,7 +733,7 @@ def train(data: str | os.PathLike[str], run_dir: str | os.PathLike[str], cfg: Tr
         synthetic_training_data=cfg.synthetic, max_new_tokens=cfg.max_new_tokens, quantize=cfg.quantize,
         training={"data_digest": index.digest, "split": cfg.split_spec.to_dict(), "studies": counts,
                   "steps": step, "best_epoch": best_epoch, "best_val_forte_strict_mean_f1": best_f1,
-                  "config": asdict(cfg), "trained": time.strftime("%Y-%m-%d")},
+                  "config": config_record(cfg), "trained": time.strftime("%Y-%m-%d")},
         scores=test_scores)
     LOG.info("train_done", steps=step, best_epoch=best_epoch, best_val_f1=best_f1,
              test_f1=test_scores.get("forte_strict_mean_f1"), bundle=str(bundle.path))
