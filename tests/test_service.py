@@ -263,7 +263,7 @@ def test_a_promoted_model_is_swapped_in_without_a_restart(server_factory: Server
 
     first, first_files = make_study(tmp_path / "first")
     assert storescu(server.port, first_files).returncode == 0
-    assert report_version(first) == "0.1.0"
+    assert report_version(first) == json.loads((DEMO_BUNDLE / MANIFEST_FILE).read_text())["version"]
 
     candidate = tmp_path / "candidate"
     shutil.copytree(DEMO_BUNDLE, candidate)
