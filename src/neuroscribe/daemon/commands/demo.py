@@ -305,7 +305,7 @@ def _show(settings: Settings, plan: Any, job: Any, report: Any, items: Sequence[
     print("\n--- Delivery (outbox) ---")
     if not items:
         print("no destinations configured ([[pacs]], [[ris]]): the report stays in the reports folder")
-    for item in items:
+    for item in sorted(items, key=lambda i: str(i.destination)):  # PACS before RIS, by name
         when = f" after {item.delivered_at - job.last_instance_at:.2f} s" if item.delivered_at else ""
         reason = f" ({item.last_reason})" if item.last_reason and item.state.value != "delivered" else ""
         print(f"  {item.destination!s:<24} {item.state.value:<10} attempts {item.attempts}{when}{reason}")
