@@ -89,3 +89,19 @@ def _restore_logging() -> Iterator[None]:
     """Leave the process's logging as pytest expects it."""
     with logging_restored():
         yield
+
+
+def test_exception_fields_name_the_type_and_place_never_the_message() -> None:
+    """An unexpected error on an input path is logged without its message, which may quote the input."""
+    from neuroscribe.log import exception_fields
+
+    def parse(value: str) -> int:
+        return int(value)
+
+    try:
+        parse("DOE^JANE")
+    except ValueError as exc:
+        fields = exception_fields(exc)
+    assert fields["error"] == "ValueError"
+    assert fields["at"].startswith("test_logging.py:") and fields["at"].endswith("in parse")
+    assert "DOE" not in str(fields)

@@ -46,6 +46,19 @@ def hash_uid(uid: object) -> str:
     return hashlib.sha256(str(uid).encode()).hexdigest()[:12]
 
 
+def exception_fields(exc: BaseException) -> dict[str, str]:
+    """An unexpected exception as log fields without its message (which may quote patient data).
+
+    ``error`` is the type; ``at`` the innermost frame, ``file:line in function``.
+    """
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = "" if tb is None else (f"{Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno} "
+                                   f"in {tb.tb_frame.f_code.co_name}")
+    return {"error": type(exc).__name__, "at": where}
+
+
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:
     """The logger of a module: ``LOG = get_logger(__name__)``."""
     return structlog.stdlib.get_logger(name)

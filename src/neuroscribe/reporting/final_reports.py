@@ -59,7 +59,7 @@ from neuroscribe.dicom_io.deidentify import (
     patient_pseudonym,
 )
 from neuroscribe.errors import DicomInputError, NeuroScribeError, StoreError
-from neuroscribe.log import get_logger, hash_uid
+from neuroscribe.log import exception_fields, get_logger, hash_uid
 from neuroscribe.reporting.hl7 import (
     HL7_VERSION,
     AckCode,
@@ -385,8 +385,8 @@ class FinalReportIntake:
             header = _header(er7)
         except Hl7ParseError:
             return self._reject("not an HL7 message (no MSH segment with encoding characters)", None, peer)
-        except Exception:  # never crash on input
-            LOG.exception("inbound HL7 header unreadable")
+        except Exception as exc:  # never crash on input; the message may quote it: not logged
+            LOG.error("inbound HL7 header unreadable", **exception_fields(exc))
             return self._reject("not an HL7 message", None, peer)
         try:
             return self._receive(er7, header, peer)
@@ -395,8 +395,9 @@ class FinalReportIntake:
                       control_id=_safe_id(header.control_id))
             return self._answer(AckCode.AR, header, "rejected", "could not be stored now; send it again "
                                 "later", peer, error=ErrorCode.INTERNAL_ERROR, audit_outcome="failure")
-        except Exception:
-            LOG.exception("final report not kept: unexpected error", control_id=_safe_id(header.control_id))
+        except Exception as exc:  # the message may quote the input: type and place only
+            LOG.error("final report not kept: unexpected error", control_id=_safe_id(header.control_id),
+                      **exception_fields(exc))
             return self._answer(AckCode.AR, header, "rejected", "internal error; send it again later",
                                 peer, error=ErrorCode.INTERNAL_ERROR, audit_outcome="failure")
 
