@@ -138,6 +138,16 @@ def logging_restored() -> Iterator[None]:
 
 
 @dataclass
+class Clock:
+    """An injected clock: POSIX seconds (``clock.now``) that move only when the test says."""
+
+    now: float = field(default_factory=time.time)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
 class Server:
     """A ``neuroscribe serve`` subprocess with its own storage root and port."""
 

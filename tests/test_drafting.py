@@ -6,10 +6,9 @@ import io
 import json
 import os
 import random
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from neuroscribe.training.model import CvitModel  # noqa: E402
 from neuroscribe.training.prompts import InstructionStyle, PromptConfig, render_prompt  # noqa: E402
 from neuroscribe.training.synth import plan_study, write_study  # noqa: E402
 from neuroscribe.training.tokenizer import train_tokenizer  # noqa: E402
-from tests.conftest import free_port, logging_restored  # noqa: E402
+from tests.conftest import Clock, free_port, logging_restored  # noqa: E402
 from tests.cvit_toys import batch, tiny_config, toy_images  # noqa: E402
 from tests.orthanc import LOOPBACK, Orthanc  # noqa: E402
 from tests.peers import Ris  # noqa: E402
@@ -120,16 +119,6 @@ def write_series(folder: Path, index: int, *, size: int = 32, slices: int = 8) -
 
 
 # -- service side ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Clock:
-    """POSIX seconds that move only when the test says."""
-
-    now: float = field(default_factory=time.time)
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(autouse=True)

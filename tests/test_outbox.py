@@ -9,7 +9,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from neuroscribe.reporting.outbox import (
 )
 from neuroscribe.reporting.sr import build_sr
 from neuroscribe.store import Database, Destination, DestinationKind, OutboxState, OutboxStore
-from tests.conftest import OrthancFactory, free_port
+from tests.conftest import Clock, OrthancFactory, free_port
 from tests.orthanc import LOOPBACK, Orthanc
 from tests.peers import Ris
 
@@ -57,16 +57,6 @@ RIS = Destination(DestinationKind.RIS, "ris")
 
 
 # -- service side ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Clock:
-    """An injected clock: POSIX seconds that move only when the test says."""
-
-    now: float = field(default_factory=time.time)
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(autouse=True)

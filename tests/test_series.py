@@ -13,21 +13,12 @@ from neuroscribe.dicom_io.inspect import ReceivedHeader, inspect_received
 from neuroscribe.dicom_io.series import SeriesAssembler
 from neuroscribe.dicom_io.writer import CtSeriesSpec, write_ct_series
 from neuroscribe.store import Database, InstanceRecord, SeriesState, StateStore
+from tests.conftest import Clock
 
 QUIET = 30.0
 CEILING = 300.0
 SERIES_SETTINGS = SeriesSettings(quiet_seconds=QUIET, force_complete_seconds=CEILING)
 RULES = SelectionSettings(min_slices=8)
-
-
-class Clock:
-    """A clock the test sets: ``clock.now`` is what the assembler reads."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -47,7 +38,7 @@ def store(db_url: str) -> Iterator[StateStore]:
 @pytest.fixture
 def clock() -> Clock:
     """The injected clock."""
-    return Clock()
+    return Clock(1000.0)
 
 
 @pytest.fixture
