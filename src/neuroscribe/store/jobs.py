@@ -147,15 +147,24 @@ class JobStore:
         A report with no destinations counts as delivered (there is nowhere to send it).
         Returns the jobs that moved, with their new state.
         """
+        with self.db.read() as conn:  # one query for every job in flight, not one per job
+            rows = conn.execute(
+                select(jobs, outbox.c.state.label("item_state"), outbox.c.attempts.label("item_attempts"))
+                .outerjoin(outbox, outbox.c.report_id == jobs.c.report_id)
+                .where(jobs.c.state.in_([JobState.REPORTED.value, JobState.DELIVERING.value]))
+                .order_by(jobs.c.created_at, jobs.c.job_id)
+            ).all()
+        in_flight: dict[str, tuple[JobRow, list[tuple[OutboxState, int]]]] = {}
+        for row in rows:
+            fields = row._mapping
+            job, items = in_flight.setdefault(fields["job_id"], (_job(fields), []))
+            if fields["item_state"] is not None:
+                items.append((OutboxState(fields["item_state"]), fields["item_attempts"]))
         moved: list[tuple[JobRow, JobState]] = []
-        for job in self.jobs(states=(JobState.REPORTED, JobState.DELIVERING)):
-            with self.db.read() as conn:
-                items = conn.execute(
-                    select(outbox.c.state, outbox.c.attempts).where(outbox.c.report_id == job.report_id)
-                ).all()
-            states = {OutboxState(row.state) for row in items}
+        for job, items in in_flight.values():
+            states = {state for state, _ in items}
             if OutboxState.PENDING in states:
-                target = JobState.DELIVERING if any(row.attempts for row in items) else job.state
+                target = JobState.DELIVERING if any(attempts for _, attempts in items) else job.state
             elif OutboxState.DEAD in states:
                 target = JobState.DEAD
             else:
